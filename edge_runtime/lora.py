@@ -97,7 +97,7 @@ class LoRALinear(nn.Module):
 
 
 def _in_out(base: nn.Module) -> tuple[int, int]:
-    return int(getattr(base, "in_features")), int(getattr(base, "out_features"))
+    return int(base.in_features), int(base.out_features)
 
 
 def apply_lora(model: CausalLM, plan: LoRAPlan) -> dict[str, LoRALinear]:
