@@ -16,6 +16,9 @@ __all__ = ["main", "build_parser", "COMMANDS"]
 
 # Subcommand modules under edge_runtime.cli, in help order.
 COMMANDS: tuple[str, ...] = (
+    "train",
+    "generate",
+    "eval",
 )
 
 

@@ -1,0 +1,55 @@
+"""`edge-rt generate`: complete a prompt; only the completion goes to stdout."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from edge_runtime.cli.common import (
+    add_model_args,
+    apply_adapter_dir,
+    load_from_args,
+    positive_int,
+)
+from edge_runtime.config import GenerateConfig
+
+log = logging.getLogger("edge_runtime.generate")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="generate a completion (stdout: the completion only)")
+    add_model_args(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--adapter", metavar="DIR", help="PEFT adapter folder to apply")
+    p.add_argument("--max-new-tokens", type=positive_int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=positive_int)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--raw", action="store_true", help="feed the prompt as-is (no chat template)")
+    p.add_argument("--backend", default="torch", choices=["torch", "executorch", "onnx"],
+                   help="torch (MODEL is a checkpoint) or an export folder made by `edge-rt export`")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = GenerateConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                         top_k=args.top_k, seed=args.seed, raw=args.raw)
+    if args.backend != "torch":
+        from exporters.runners import generate_from_export
+
+        text = generate_from_export(args.model, args.prompt, adapter=args.adapter,
+                                    backend=args.backend, cfg=cfg)
+        sys.stdout.write(text + "\n")
+        return 0
+    from edge_runtime.generate import generate
+
+    loaded = load_from_args(args)
+    if args.adapter:
+        apply_adapter_dir(loaded, args.adapter)
+    result = generate(loaded.model, loaded.tokenizer, args.prompt, cfg)
+    log.info("prompt %d tokens, prefill %.3fs, %d new tokens at %.1f tok/s",
+             result.prompt_tokens, result.prefill_s, len(result.token_ids),
+             result.decode_tokens_per_s)
+    sys.stdout.write(result.text + "\n")
+    return 0
