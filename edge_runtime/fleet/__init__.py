@@ -1,0 +1,1 @@
+"""The MQTT fleet: wire protocol, chunked transfers, broker, device agent and aggregator."""
