@@ -1,0 +1,57 @@
+"""The one loss: equals full-logit cross-entropy, and accumulation equals one big batch."""
+
+import torch
+import torch.nn.functional as F
+
+from edge_runtime.config import LoRAPlan
+from edge_runtime.data import IGNORE
+from edge_runtime.losses import count_label_tokens, token_loss_sum
+from edge_runtime.lora import apply_lora, lora_modules
+from edge_runtime.model import CausalLM, ModelConfig
+
+
+def model() -> CausalLM:
+    torch.manual_seed(0)
+    m = CausalLM(ModelConfig(vocab_size=50, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                             hidden_dim=48))
+    apply_lora(m, LoRAPlan(rank=2, depth=2))
+    for mod in lora_modules(m).values():
+        torch.nn.init.normal_(mod.lora_b)
+    return m
+
+
+def batch(seed: int, b: int, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 50, (b, t), generator=g)
+    labels = ids.clone()
+    labels[:, : t // 2] = IGNORE  # prompt part
+    labels[0, -2:] = IGNORE  # padding in one row
+    return ids, labels
+
+
+def test_selected_logits_equal_full_cross_entropy():
+    m = model()
+    ids, labels = batch(0, 3, 12)
+    loss_sum, n = token_loss_sum(m, ids, labels)
+    logits = m(ids)
+    full = F.cross_entropy(logits[:, :-1].reshape(-1, 50), labels[:, 1:].reshape(-1),
+                           ignore_index=IGNORE, reduction="sum")
+    assert n == count_label_tokens(labels) == int((labels[:, 1:] != IGNORE).sum())
+    assert torch.allclose(loss_sum, full, atol=1e-4)
+
+
+def test_accumulated_gradient_equals_one_big_batch():
+    """Micro-batches with different token counts: divide by the whole batch's count."""
+    ids1, lab1 = batch(1, 2, 10)
+    ids2, lab2 = batch(2, 2, 10)
+    lab2[1, 5:] = IGNORE  # fewer tokens in the second micro-batch
+    m_big, m_acc = model(), model()
+    s, n = token_loss_sum(m_big, torch.cat([ids1, ids2]), torch.cat([lab1, lab2]))
+    (s / n).backward()
+    n_total = count_label_tokens(lab1) + count_label_tokens(lab2)
+    for ids, lab in ((ids1, lab1), (ids2, lab2)):
+        s_i, _ = token_loss_sum(m_acc, ids, lab)
+        (s_i / n_total).backward()
+    for (name, p1), (_, p2) in zip(m_big.named_parameters(), m_acc.named_parameters(), strict=True):
+        if p1.requires_grad:
+            assert torch.allclose(p1.grad, p2.grad, atol=1e-6), name
