@@ -1,0 +1,137 @@
+"""One front door for model checkpoints: `load_model(spec, quant)`.
+
+`spec` is a GGUF file, a Hugging Face folder, a pulled name (`smollm2-135m`, see
+`edge-rt pull`) or `tiny` (a small random model of the same architecture with a
+byte-level tokenizer, seeded, for tests and dry runs). The base is frozen, its
+fingerprint taken on the full-precision weights, then its linears are quantized.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from edge_runtime.config import QuantMode
+from edge_runtime.errors import CheckpointError
+from edge_runtime.fingerprint import base_fingerprint
+from edge_runtime.model import CausalLM, ModelConfig
+from edge_runtime.quant import quantize_linears
+from edge_runtime.tokenizer import Tokenizer
+
+__all__ = ["LoadedModel", "load_model", "tiny_config", "tiny_model", "TINY_SEED"]
+
+log = logging.getLogger(__name__)
+
+TINY_SEED = 0
+GGUF_MAGIC = b"GGUF"
+
+
+@dataclass
+class LoadedModel:
+    """A frozen base model with its tokenizer.
+
+    Attributes:
+        model: the decoder (eval mode, every parameter frozen, linears maybe quantized).
+        tokenizer: its tokenizer and chat template.
+        fingerprint: `base_fingerprint` of the full-precision base weights.
+        name: short display name (`smollm2-135m`, `tiny`, the file stem).
+        source: where it came from (a path, or `tiny`).
+    """
+
+    model: CausalLM
+    tokenizer: Tokenizer
+    fingerprint: str
+    name: str
+    source: str
+
+
+def tiny_config() -> ModelConfig:
+    return ModelConfig(vocab_size=320, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                       hidden_dim=128, max_seq_len=512)
+
+
+def tiny_model(seed: int = TINY_SEED) -> CausalLM:
+    """The `tiny` model: weights drawn from N(0, 0.02) by a seeded generator, norms at 1.
+
+    Drawn tensor by tensor in sorted name order from one explicit `torch.Generator`,
+    so it is the same on every machine and does not depend on nn.Linear's init.
+    """
+    model = CausalLM(tiny_config())
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+    return model
+
+
+def _is_gguf(path: Path) -> bool:
+    try:
+        with path.open("rb") as f:
+            return f.read(4) == GGUF_MAGIC
+    except OSError:
+        return False
+
+
+def _load_base(spec: str) -> tuple[CausalLM, Tokenizer, str, str]:
+    """(model, tokenizer, name, source) in full precision."""
+    if spec == "tiny":
+        return tiny_model(), Tokenizer.tiny(), "tiny", "tiny"
+    from edge_runtime import pull
+
+    if spec in pull.KNOWN_MODELS:
+        path = pull.cached_path(spec)
+        if path is None:
+            raise CheckpointError(
+                f"model {spec!r} is not downloaded yet; run `edge-rt pull {spec}` first"
+            )
+        model, tok = _load_path(path)
+        return model, tok, spec, str(path)
+    path = Path(spec).expanduser()
+    if not path.exists():
+        known = ", ".join(["tiny", *pull.KNOWN_MODELS])
+        raise CheckpointError(
+            f"model {spec!r} not found: give a GGUF file, a HF folder, or one of: {known}"
+        )
+    model, tok = _load_path(path)
+    return model, tok, path.stem if path.is_file() else path.name, str(path)
+
+
+def _load_path(path: Path) -> tuple[CausalLM, Tokenizer]:
+    if path.is_dir():
+        from edge_runtime.hf_loader import load_hf_folder
+
+        return load_hf_folder(path)
+    if _is_gguf(path):
+        from edge_runtime.gguf_loader import load_gguf
+
+        return load_gguf(path)
+    raise CheckpointError(
+        f"{path} is neither a GGUF file (no GGUF magic) nor a HF folder; "
+        "pass a .gguf file or a folder with config.json"
+    )
+
+
+def load_model(spec: str, quant: QuantMode | str = QuantMode.NONE) -> LoadedModel:
+    """Load a frozen base model and its tokenizer; quantize its linears if asked.
+
+    Raises:
+        CheckpointError: missing/corrupt file, unsupported architecture or tensor type.
+        ConfigError: unknown quantization mode.
+    """
+    mode = QuantMode.parse(quant)
+    model, tok, name, source = _load_base(spec)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    fingerprint = base_fingerprint(model)
+    n = quantize_linears(model, mode)
+    log.debug("loaded %s from %s (fingerprint %s, %d linears quantized %s)",
+              name, source, fingerprint, n, mode.value)
+    return LoadedModel(model=model, tokenizer=tok, fingerprint=fingerprint, name=name,
+                       source=source)
