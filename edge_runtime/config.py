@@ -193,3 +193,234 @@ class GenerateConfig:
             raise ConfigError(f"max-new-tokens must be positive, got {self.max_new_tokens}")
         if self.temperature < 0:
             raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
+
+
+# --- Federated strategies (edge_runtime/fl) -------------------------------------------------
+
+@dataclass
+class HetLoRAConfig:
+    """HetLoRA (Cho et al., arXiv 2401.06432) knobs: rank self-pruning and rank range.
+
+    Attributes:
+        gamma: pruning ratio; the tail is the components past floor(gamma * r).
+        lam: weight of the tail regulariser added to the local loss.
+        r_min: no module is pruned below this rank.
+        prune: whether clients self-prune at all.
+    """
+
+    gamma: float = 0.9
+    lam: float = 1e-3
+    r_min: int = 4
+    prune: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.gamma < 1.0:
+            raise ConfigError(f"hetlora gamma must be in (0, 1), got {self.gamma}; try 0.9")
+        if self.lam < 0:
+            raise ConfigError(f"hetlora lambda must be >= 0, got {self.lam}")
+        if self.r_min <= 0:
+            raise ConfigError(f"hetlora r_min must be positive, got {self.r_min}")
+
+
+@dataclass
+class FlexLoRAConfig:
+    """FlexLoRA (Bai et al., arXiv 2402.11505) aggregation mode and truncated-SVD settings.
+
+    Attributes:
+        mode: `auto` (factored while the stacked rank R < min(d_out, d_in), else
+            streaming), `factored`, `streaming` or `full` (dense sum + full SVD reference).
+        oversample: extra columns of the randomized range finder.
+        power_tol: stop power iterations when the top singular values move less than this
+            (relative).
+        max_power_iters: hard cap on power iterations.
+        seed: seed of the random test matrix.
+    """
+
+    mode: str = "auto"
+    oversample: int = 16
+    power_tol: float = 1e-6
+    max_power_iters: int = 40
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("auto", "factored", "streaming", "full"):
+            raise ConfigError(f"flexlora mode {self.mode!r} unknown; choose auto, factored, "
+                              "streaming or full")
+        if self.oversample < 0 or self.max_power_iters < 0 or self.power_tol <= 0:
+            raise ConfigError("flexlora oversample/max_power_iters must be >= 0, power_tol > 0")
+
+
+@dataclass
+class SAFedLoRAConfig:
+    """SA-FedLoRA (Yang et al., arXiv 2405.09394) stages and rank-budget schedule.
+
+    Attributes:
+        rounds: total rounds T of the schedule.
+        init_rounds: rounds of the initiating stage (proximal term on).
+        mu: proximal coefficient (mu/2 ||theta - theta_global||^2).
+        heat_rounds: rounds the budget is held at its start value ("heating").
+        cool_rounds: final rounds held at the end value ("cooling").
+        final_fraction: end budget as a fraction of the start budget.
+        r_min: each module keeps at least this many components.
+    """
+
+    rounds: int = 10
+    init_rounds: int = 2
+    mu: float = 0.01
+    heat_rounds: int = 2
+    cool_rounds: int = 2
+    final_fraction: float = 0.25
+    r_min: int = 1
+
+    def __post_init__(self) -> None:
+        if self.rounds <= 0:
+            raise ConfigError(f"sa-fedlora rounds must be positive, got {self.rounds}")
+        if min(self.init_rounds, self.heat_rounds, self.cool_rounds) < 0:
+            raise ConfigError("sa-fedlora init/heat/cool rounds must be >= 0")
+        if self.mu < 0:
+            raise ConfigError(f"sa-fedlora mu must be >= 0, got {self.mu}")
+        if not 0.0 < self.final_fraction <= 1.0:
+            raise ConfigError(f"sa-fedlora final_fraction must be in (0, 1], got "
+                              f"{self.final_fraction}")
+        if self.r_min <= 0:
+            raise ConfigError(f"sa-fedlora r_min must be positive, got {self.r_min}")
+
+
+@dataclass
+class LegendConfig:
+    """LEGEND (Liu et al., arXiv 2412.20004) planning: deadline and rank range.
+
+    Attributes:
+        deadline_s: common round deadline every device's predicted time must fit.
+        r_min: rank of the lowest LoRA block.
+        r_max: rank of the top block (ranks grow linearly toward the output).
+        min_depth: depth below which a device is not selected (it cannot help).
+    """
+
+    deadline_s: float = 60.0
+    r_min: int = 4
+    r_max: int = 16
+    min_depth: int = 1
+
+    def __post_init__(self) -> None:
+        if self.deadline_s <= 0:
+            raise ConfigError(f"legend deadline must be positive, got {self.deadline_s}")
+        if not 0 < self.r_min <= self.r_max:
+            raise ConfigError(f"legend needs 0 < r_min <= r_max, got {self.r_min}, {self.r_max}")
+        if self.min_depth <= 0:
+            raise ConfigError(f"legend min_depth must be positive, got {self.min_depth}")
+
+
+__all__ += ["HetLoRAConfig", "FlexLoRAConfig", "SAFedLoRAConfig", "LegendConfig"]
+
+
+@dataclass
+class MqttConfig:
+    """How to reach the MQTT broker (fleet agent and aggregator).
+
+    Attributes:
+        url: `mqtt://HOST:PORT` (plain) or `mqtts://HOST:PORT` (TLS).
+        username, password: broker credentials (Mosquitto password file), or None.
+        tls_ca: CA certificate file for `mqtts://` (system CAs when None).
+        keepalive_s: MQTT keep-alive; the broker publishes the Will after 1.5x this.
+        session_expiry_s: MQTT 5 session expiry, so subscriptions survive a reconnect.
+        reconnect_min_s, reconnect_max_s: exponential reconnect backoff bounds.
+        queue_size: bound of the inbound message queue (callbacks only enqueue).
+        prefix, fleet: topics live under `{prefix}/{fleet}/`.
+    """
+
+    url: str = "mqtt://127.0.0.1:1883"
+    username: str | None = None
+    password: str | None = None
+    tls_ca: str | None = None
+    keepalive_s: int = 30
+    session_expiry_s: int = 3600
+    reconnect_min_s: float = 0.5
+    reconnect_max_s: float = 10.0
+    queue_size: int = 20000
+    prefix: str = "edge-rt"
+    fleet: str = "default"
+
+    def __post_init__(self) -> None:
+        self.host_port()  # validates the URL
+        if self.keepalive_s < 5:
+            raise ConfigError(f"MQTT keepalive must be at least 5 s, got {self.keepalive_s}")
+        if not 0 < self.reconnect_min_s <= self.reconnect_max_s:
+            raise ConfigError("reconnect backoff needs 0 < min <= max")
+        if self.queue_size <= 0:
+            raise ConfigError(f"queue size must be positive, got {self.queue_size}")
+        for name in ("prefix", "fleet"):
+            v = getattr(self, name)
+            if not v or any(c in v for c in "/+#"):
+                raise ConfigError(f"MQTT {name} {v!r} must be non-empty without / + #")
+
+    @property
+    def tls(self) -> bool:
+        return self.url.startswith("mqtts://")
+
+    def host_port(self) -> tuple[str, int]:
+        """(host, port) from the URL; port defaults to 1883 (8883 for mqtts)."""
+        for scheme, default in (("mqtt://", 1883), ("mqtts://", 8883)):
+            if self.url.startswith(scheme):
+                rest = self.url[len(scheme):].rstrip("/")
+                host, _, port = rest.rpartition(":") if ":" in rest else (rest, "", "")
+                if not host:
+                    break
+                if port and not port.isdigit():
+                    break
+                return host, int(port) if port else default
+        raise ConfigError(f"broker URL {self.url!r} must look like mqtt://HOST:PORT "
+                          "or mqtts://HOST:PORT")
+
+
+@dataclass
+class FleetConfig:
+    """Aggregator settings for federated rounds over MQTT.
+
+    Attributes:
+        strategy: fedavg | hetlora | flexlora | sa-fedlora | legend.
+        rounds: number of merged rounds to run.
+        min_clients: a round closes early once all selected devices reported; at the
+            deadline it merges if at least this many updates were accepted, else retries.
+        max_clients: at most this many devices are selected per round (0 = all).
+        round_timeout_s: seconds from announcement to deadline.
+        max_update_bytes: transfers declaring or sending more are rejected (oversize).
+        max_update_norm: bound on ||scale * B A||_F of any module of an update.
+        chunk_size: bytes per chunk on the wire (<= 64 KiB suits cloud brokers).
+        compression: downlink/uplink tensor encoding: fp32 | fp16 | int8.
+        wait_for_clients_s: before round 0, wait up to this long for min_clients to register.
+    """
+
+    strategy: str = "fedavg"
+    rounds: int = 3
+    min_clients: int = 1
+    max_clients: int = 0
+    round_timeout_s: float = 60.0
+    max_update_bytes: int = 64 << 20
+    max_update_norm: float = 1e4
+    chunk_size: int = 64 * 1024
+    compression: str = "fp32"
+    wait_for_clients_s: float = 120.0
+
+    def __post_init__(self) -> None:
+        strategies = ("fedavg", "hetlora", "flexlora", "sa-fedlora", "legend")
+        if self.strategy not in strategies:
+            raise ConfigError(f"unknown strategy {self.strategy!r}; choose one of "
+                              f"{', '.join(strategies)}")
+        if self.rounds <= 0:
+            raise ConfigError(f"rounds must be positive, got {self.rounds}; pass --rounds 3")
+        if self.min_clients <= 0:
+            raise ConfigError(f"min-clients must be positive, got {self.min_clients}")
+        if self.max_clients < 0:
+            raise ConfigError(f"max-clients must be >= 0, got {self.max_clients}")
+        if self.round_timeout_s <= 0:
+            raise ConfigError(f"round timeout must be positive, got {self.round_timeout_s}")
+        if not 1024 <= self.chunk_size <= 256 * 1024:
+            raise ConfigError(f"chunk size must be in [1 KiB, 256 KiB], got {self.chunk_size}")
+        if self.compression not in ("fp32", "fp16", "int8"):
+            raise ConfigError(f"compression must be fp32, fp16 or int8, got {self.compression!r}")
+        if self.max_update_bytes <= 0 or self.max_update_norm <= 0:
+            raise ConfigError("max update bytes and norm must be positive")
+
+
+__all__ += ["MqttConfig", "FleetConfig"]
