@@ -1,0 +1,161 @@
+"""Benchmark one LoRA training step on SmolLM2-135M against PEFT + transformers.
+
+Each configuration runs in its own process so its peak RSS is its own. A step is one
+forward + backward + AdamW update on a batch of 4 x 128 tokens, LoRA rank 8 on q,v.
+Anchor: the same step in PEFT + transformers (LlamaForCausalLM, fp32, all 30 blocks),
+installed by this script if missing (torch is left as it is).
+
+    python scripts/bench_train.py [--model smollm2-135m] [--steps 3] [--out bench_train.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BATCH, SEQ, RANK = 4, 128, 8
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def batch_tokens(vocab: int):
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(100, vocab - 100, (BATCH, SEQ), generator=g)
+
+
+def child_ours(model: str, quant: str, depth: int, steps: int) -> dict:
+    import torch
+
+    from edge_runtime.checkpoints import load_model
+    from edge_runtime.config import LoRAPlan, QuantMode
+    from edge_runtime.losses import token_loss_sum
+    from edge_runtime.lora import apply_lora
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    loaded = load_model(model, QuantMode.parse(quant))
+    m = loaded.model
+    n_layers = m.config.n_layers
+    depth = n_layers if depth == 0 else depth
+    apply_lora(m, LoRAPlan(rank=RANK, depth=depth, targets=("q", "v"), alpha=16))
+    ids = batch_tokens(m.config.vocab_size)
+    labels = ids.clone()
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
+    base = rss_mb()
+    times = []
+    for i in range(steps + 1):
+        t = time.perf_counter()
+        s, n = token_loss_sum(m, ids, labels)
+        (s / n).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if i > 0:  # the first step is warm-up
+            times.append(time.perf_counter() - t)
+    return {"impl": "edge-runtime", "quant": quant, "depth": depth,
+            "step_s": statistics.median(times), "peak_rss_mb": peak_mb(),
+            "step_extra_mb": peak_mb() - base, "loaded_rss_mb": base}
+
+
+def child_peft(hf_dir: str, steps: int) -> dict:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    m = LlamaForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32)
+    m = get_peft_model(m, LoraConfig(r=RANK, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+                                     lora_dropout=0.0))
+    ids = batch_tokens(m.config.vocab_size)
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
+    base = rss_mb()
+    times = []
+    for i in range(steps + 1):
+        t = time.perf_counter()
+        out = m(input_ids=ids, labels=ids)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if i > 0:
+            times.append(time.perf_counter() - t)
+    return {"impl": "peft+transformers", "quant": "none", "depth": m.config.num_hidden_layers,
+            "step_s": statistics.median(times), "peak_rss_mb": peak_mb(),
+            "step_extra_mb": peak_mb() - base, "loaded_rss_mb": base}
+
+
+def ensure_peft() -> None:
+    try:
+        import peft  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError:
+        print("installing transformers and peft (torch left as is)...", file=sys.stderr)
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "transformers", "peft"],
+                       check=True)
+
+
+def run_child(args: list[str]) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True,
+                         text=True, check=False)
+    if out.returncode != 0:
+        raise SystemExit(f"child {args} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--out", default="bench_train.json")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--impl", default="ours", help=argparse.SUPPRESS)
+    ap.add_argument("--quant", default="none", help=argparse.SUPPRESS)
+    ap.add_argument("--depth", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--hf-dir", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child:
+        res = (child_peft(a.hf_dir, a.steps) if a.impl == "peft"
+               else child_ours(a.model, a.quant, a.depth, a.steps))
+        print(json.dumps(res))
+        return
+
+    ensure_peft()
+    from edge_runtime.checkpoints import load_model
+    from edge_runtime.hf_loader import save_hf_folder
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        save_hf_folder(load_model(a.model), Path(tmp))
+        anchor = run_child(["--impl", "peft", "--hf-dir", tmp, "--steps", str(a.steps)])
+    rows.append(anchor)
+    for quant in ("none", "int8", "int4"):
+        for depth in (0, 8, 4):
+            rows.append(run_child(["--model", a.model, "--quant", quant, "--depth", str(depth),
+                                   "--steps", str(a.steps)]))
+    print(f"one LoRA step, batch {BATCH} x {SEQ} tokens, rank {RANK} on q,v, "
+          f"{os.cpu_count()} threads; anchor = PEFT + transformers fp32, all blocks")
+    print(f"{'impl':<18} {'quant':<5} {'depth':>5} {'s/step':>8} {'x anchor':>9} "
+          f"{'peak MB':>8} {'x anchor':>9} {'step +MB':>9}")
+    for r in rows:
+        print(f"{r['impl']:<18} {r['quant']:<5} {r['depth']:>5} {r['step_s']:>8.3f} "
+              f"{r['step_s'] / anchor['step_s']:>9.2f} {r['peak_rss_mb']:>8.0f} "
+              f"{r['peak_rss_mb'] / anchor['peak_rss_mb']:>9.2f} {r['step_extra_mb']:>9.0f}")
+    Path(a.out).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
