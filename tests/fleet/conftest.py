@@ -1,0 +1,99 @@
+"""Fixtures: a real Mosquitto on a free loopback port with a generated config."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+MOSQUITTO = shutil.which("mosquitto") or ("/usr/sbin/mosquitto"
+                                          if os.path.exists("/usr/sbin/mosquitto") else None)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
+class Mosquitto:
+    """A mosquitto process we own; restartable on the same port (persistence off)."""
+
+    def __init__(self, workdir: Path, *, users: dict[str, str] | None = None,
+                 acl: str | None = None, message_size_limit: int = 0) -> None:
+        if MOSQUITTO is None:
+            pytest.skip("mosquitto is not installed (apt-get install mosquitto)")
+        self.workdir = workdir
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        lines = [f"listener {self.port} 127.0.0.1", "persistence false",
+                 "log_dest stderr", "log_type error", "log_type warning",
+                 f"message_size_limit {message_size_limit}", "max_queued_messages 100000"]
+        if users is not None:
+            pw = workdir / "passwd"
+            pw.write_text("")
+            for u, p in users.items():
+                subprocess.run(["mosquitto_passwd", "-b", str(pw), u, p], check=True,
+                               capture_output=True, timeout=10)
+            lines += ["allow_anonymous false", f"password_file {pw}"]
+        else:
+            lines += ["allow_anonymous true"]
+        if acl is not None:
+            (workdir / "acl").write_text(acl)
+            lines.append(f"acl_file {workdir / 'acl'}")
+        self.conf = workdir / "mosquitto.conf"
+        self.conf.write_text("\n".join(lines) + "\n")
+        self.log = workdir / "mosquitto.log"
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        assert MOSQUITTO is not None
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen([MOSQUITTO, "-c", str(self.conf)], stdout=log,
+                                         stderr=log)
+        wait_port(self.port)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.proc = None
+
+    def restart(self, down_s: float = 0.5) -> None:
+        self.stop()
+        time.sleep(down_s)
+        self.start()
+
+
+@pytest.fixture
+def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
+    m = Mosquitto(tmp_path)
+    m.start()
+    try:
+        yield m
+    finally:
+        m.stop()
