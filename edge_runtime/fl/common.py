@@ -1,0 +1,76 @@
+"""Helpers shared by the factor-wise strategies: truncation and weighted padded sums."""
+
+from __future__ import annotations
+
+import torch
+
+from edge_runtime.adapter import Adapter, LoRAWeights
+from edge_runtime.fl.types import ClientPlan, UpdateMismatchError, from_scaled_b, scaled_b
+
+__all__ = ["truncate_to_plan", "PaddedSum"]
+
+
+def truncate_to_plan(global_adapter: Adapter, plan: ClientPlan) -> Adapter:
+    """The client's starting adapter: the first r_k components of each planned module.
+
+    B_k = (s_g / s_k) B_g[:, :r_k], A_k = A_g[:r_k, :], so s_k B_k A_k equals the
+    truncation s_g B_g[:, :r_k] A_g[:r_k, :] (HetLoRA, Cho et al. 2024, sec. 3.2).
+
+    Raises:
+        UpdateMismatchError: a planned module is not in the global adapter, or its
+            planned rank exceeds the global rank.
+    """
+    out: Adapter = {}
+    for name, r in plan.ranks.items():
+        if name not in global_adapter:
+            raise UpdateMismatchError(f"plan for {plan.device_id} names {name}, which the global "
+                                      "adapter lacks; build the global adapter from the fleet's "
+                                      "widest plan")
+        g = global_adapter[name]
+        if r > g.rank:
+            raise UpdateMismatchError(f"plan for {plan.device_id}: {name} rank {r} is above the "
+                                      f"global rank {g.rank}; raise the global r_max")
+        sb = scaled_b(g)[:, :r]  # (d_out, r)
+        out[name] = from_scaled_b(sb, g.lora_a[:r].double(), plan.alpha, g.lora_a.dtype)
+    return out
+
+
+class PaddedSum:
+    """Running weighted sums of zero-padded s B (d_out, r_g) and A (r_g, d_in) per module.
+
+    `add(name, w, weight)` folds one client's module in; `result(global)` divides each
+    module by its own total weight (modules nobody sent keep the global factors).
+    Memory: one global-sized adapter plus one weight per module.
+    """
+
+    def __init__(self, global_adapter: Adapter) -> None:
+        self.global_adapter = global_adapter
+        self.sum_b: dict[str, torch.Tensor] = {}
+        self.sum_a: dict[str, torch.Tensor] = {}
+        self.weight: dict[str, float] = {}
+
+    def add(self, name: str, w: LoRAWeights, weight: float) -> None:
+        g = self.global_adapter[name]
+        r_g = g.rank
+        if w.rank > r_g:
+            raise UpdateMismatchError(f"{name}: client rank {w.rank} above global rank {r_g}")
+        sb = scaled_b(w)  # (d_out, r_k), float64
+        a = w.lora_a.double()  # (r_k, d_in)
+        if name not in self.sum_b:
+            self.sum_b[name] = torch.zeros(g.d_out, r_g, dtype=torch.float64)
+            self.sum_a[name] = torch.zeros(r_g, g.d_in, dtype=torch.float64)
+            self.weight[name] = 0.0
+        self.sum_b[name][:, : w.rank] += weight * sb
+        self.sum_a[name][: w.rank] += weight * a
+        self.weight[name] += weight
+
+    def result(self) -> Adapter:
+        out: Adapter = {}
+        for name, g in self.global_adapter.items():
+            tot = self.weight.get(name, 0.0)
+            if tot <= 0.0:
+                out[name] = g.clone()
+                continue
+            out[name] = from_scaled_b(self.sum_b[name] / tot, self.sum_a[name] / tot, g.alpha,
+                                      g.lora_a.dtype)
+        return out

@@ -1,0 +1,240 @@
+"""Round vocabulary shared by every strategy: client plans, client updates, accumulators.
+
+A *plan* says which LoRA modules a client trains this round and at which rank (its
+depth is implied by the modules it names). An *update* is the adapter a client sends
+back plus its sample count. Strategies are pure functions over these: no MQTT, no
+`nn.Module` (Flower's `aggregate.py` + `Strategy` split).
+
+Scaling convention (one, everywhere): what is aggregated and distributed is the
+*scaled product* `s_k B_k A_k` with `s_k = alpha_k / r_k` (DESIGN.md section 4).
+Factor-wise strategies (FedAvg, HetLoRA, LEGEND) carry `s_k B_k` (the scaled B) and
+`A_k`; when an adapter is handed to a client of rank r, B is divided by that
+client's scale `alpha / r`, so the client's product equals the global one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from edge_runtime.adapter import Adapter, LoRAWeights
+from edge_runtime.errors import AdapterMismatchError
+
+__all__ = [
+    "ClientPlan",
+    "ClientUpdate",
+    "Accumulator",
+    "Strategy",
+    "StrategyBase",
+    "Regularizer",
+    "UpdateMismatchError",
+    "check_update",
+    "scaled_b",
+    "from_scaled_b",
+    "pad_rows",
+    "pad_cols",
+    "module_shapes",
+]
+
+
+class UpdateMismatchError(AdapterMismatchError, ValueError):
+    """A client update does not match the plan it was given (keys, shapes, ranks, values)."""
+
+
+@dataclass
+class ClientPlan:
+    """What one client trains in one round.
+
+    Attributes:
+        device_id: the client's id (also the MQTT topic id).
+        ranks: {module name: rank} of every LoRA module the client trains; the set of
+            names is the client's depth and targets.
+        alpha: LoRA alpha (a module's scale is alpha / rank).
+        device_class: optional name of the client's device class (for logs/metrics).
+    """
+
+    device_id: str
+    ranks: dict[str, int]
+    alpha: float = 16.0
+    device_class: str = ""
+
+    def __post_init__(self) -> None:
+        for name, r in self.ranks.items():
+            if int(r) <= 0:
+                raise UpdateMismatchError(f"plan for {self.device_id}: rank of {name} is {r}, "
+                                          "must be positive")
+
+    def to_json(self) -> dict:
+        return {"device_id": self.device_id, "ranks": dict(self.ranks), "alpha": self.alpha,
+                "device_class": self.device_class}
+
+    @classmethod
+    def from_json(cls, d: Mapping) -> ClientPlan:
+        return cls(str(d["device_id"]), {str(k): int(v) for k, v in d["ranks"].items()},
+                   float(d.get("alpha", 16.0)), str(d.get("device_class", "")))
+
+
+@dataclass
+class ClientUpdate:
+    """One client's contribution to a round.
+
+    Attributes:
+        device_id: who sent it.
+        adapter: the trained adapter, {module name: LoRAWeights}.
+        num_samples: number of local training examples (FedAvg weight n_k).
+        plan: the plan the client was given; when set, the adapter's keys must equal
+            the plan's and each rank must be <= the planned rank (HetLoRA may prune).
+        info: free-form numbers a strategy may use (e.g. HetLoRA tail norms).
+    """
+
+    device_id: str
+    adapter: Adapter
+    num_samples: int
+    plan: ClientPlan | None = None
+    info: dict[str, float] = field(default_factory=dict)
+
+
+class Accumulator(Protocol):
+    """Incremental aggregation: fold updates in as they arrive, one running sum per module."""
+
+    def add(self, update: ClientUpdate) -> None: ...
+
+    def result(self) -> Adapter: ...
+
+    @property
+    def count(self) -> int: ...
+
+
+Regularizer = Callable[[nn.Module], torch.Tensor]
+
+
+class Strategy(Protocol):
+    """A federated LoRA strategy: how a round's adapters go out and come back.
+
+    Server side: `distribute` (the adapter a client starts the round from),
+    `accumulator` / `aggregate` (fold the round's updates into the next global).
+    Client side: `regularizer` (added to the local loss, or None) and `finish_local`
+    (what the client uploads, e.g. HetLoRA's pruned adapter).
+    """
+
+    name: str
+
+    def distribute(self, global_adapter: Adapter, plan: ClientPlan) -> Adapter: ...
+
+    def regularizer(self, start: Adapter, plan: ClientPlan,
+                    round_index: int) -> Regularizer | None: ...
+
+    def finish_local(self, start: Adapter, trained: Adapter, plan: ClientPlan) -> Adapter: ...
+
+    def accumulator(self, global_adapter: Adapter, round_index: int = 0) -> Accumulator: ...
+
+    def aggregate(self, global_adapter: Adapter, updates: Iterable[ClientUpdate],
+                  round_index: int = 0) -> Adapter: ...
+
+
+class StrategyBase:
+    """Defaults: no local regulariser, upload what was trained, batch = fold the accumulator."""
+
+    name = "base"
+
+    def regularizer(self, start: Adapter, plan: ClientPlan,
+                    round_index: int) -> Regularizer | None:
+        return None
+
+    def finish_local(self, start: Adapter, trained: Adapter, plan: ClientPlan) -> Adapter:
+        return trained
+
+    def accumulator(self, global_adapter: Adapter, round_index: int = 0) -> Accumulator:
+        raise NotImplementedError
+
+    def aggregate(self, global_adapter: Adapter, updates: Iterable[ClientUpdate],
+                  round_index: int = 0) -> Adapter:
+        """Batch aggregation: exactly the accumulator fed the updates in order."""
+        acc = self.accumulator(global_adapter, round_index)
+        for u in updates:
+            acc.add(u)
+        return acc.result()
+
+
+def module_shapes(adapter: Adapter) -> dict[str, tuple[int, int]]:
+    """{module name: (d_out, d_in)}."""
+    return {n: (w.d_out, w.d_in) for n, w in adapter.items()}
+
+
+def check_update(update: ClientUpdate, global_adapter: Adapter, *,
+                 allow_subset: bool = False) -> None:
+    """Validate an update against the global adapter and the client's plan.
+
+    Every module the client was told to train must be present (no silent drops), no
+    module may be unknown, shapes must fit the base layers, ranks must not exceed the
+    plan, values must be finite and num_samples positive.
+
+    Raises:
+        UpdateMismatchError: naming the device, the module and what is wrong.
+    """
+    dev = update.device_id
+    if update.num_samples <= 0:
+        raise UpdateMismatchError(f"update from {dev}: num_samples is {update.num_samples}, "
+                                  "must be positive")
+    keys = set(update.adapter)
+    unknown = keys - set(global_adapter)
+    if unknown:
+        raise UpdateMismatchError(f"update from {dev} has modules the global adapter lacks, e.g. "
+                                  f"{sorted(unknown)[0]}; it was trained on another plan/base")
+    if update.plan is not None:
+        expected = set(update.plan.ranks)
+    elif allow_subset:
+        expected = keys
+    else:
+        expected = set(global_adapter)
+    missing = expected - keys
+    extra = keys - expected
+    if missing:
+        raise UpdateMismatchError(f"update from {dev} lacks {len(missing)} planned modules, e.g. "
+                                  f"{sorted(missing)[0]}; every planned module must be sent")
+    if extra:
+        raise UpdateMismatchError(f"update from {dev} has unplanned modules, e.g. "
+                                  f"{sorted(extra)[0]}")
+    if not keys and not allow_subset:
+        raise UpdateMismatchError(f"update from {dev} is empty")
+    for name, w in update.adapter.items():
+        g = global_adapter[name]
+        if (w.d_out, w.d_in) != (g.d_out, g.d_in):
+            raise UpdateMismatchError(
+                f"update from {dev}: {name} has B{tuple(w.lora_b.shape)} A{tuple(w.lora_a.shape)}"
+                f", the global module is {g.d_out}x{g.d_in}; wrong base model")
+        if update.plan is not None and w.rank > update.plan.ranks[name]:
+            raise UpdateMismatchError(f"update from {dev}: {name} has rank {w.rank} above its "
+                                      f"planned rank {update.plan.ranks[name]}")
+        if not (torch.isfinite(w.lora_a).all() and torch.isfinite(w.lora_b).all()):
+            raise UpdateMismatchError(f"update from {dev}: {name} has non-finite values")
+
+
+def scaled_b(w: LoRAWeights, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """s B with s = alpha / rank: (d_out, r). The factor that carries the scale."""
+    return w.lora_b.to(dtype) * w.scale
+
+
+def from_scaled_b(sb: torch.Tensor, a: torch.Tensor, alpha: float,
+                  dtype: torch.dtype = torch.float32) -> LoRAWeights:
+    """Inverse of `scaled_b`: factors whose product (alpha/r) B A equals sB A."""
+    r = int(a.shape[0])
+    return LoRAWeights(a.to(dtype).contiguous(), (sb * (r / alpha)).to(dtype).contiguous(), alpha)
+
+
+def pad_cols(t: torch.Tensor, r: int) -> torch.Tensor:
+    """Zero-pad (d, r_k) to (d, r) on the right."""
+    if t.shape[1] > r:
+        raise UpdateMismatchError(f"rank {t.shape[1]} is above the global rank {r}")
+    return torch.nn.functional.pad(t, (0, r - t.shape[1]))
+
+
+def pad_rows(t: torch.Tensor, r: int) -> torch.Tensor:
+    """Zero-pad (r_k, d) to (r, d) at the bottom."""
+    if t.shape[0] > r:
+        raise UpdateMismatchError(f"rank {t.shape[0]} is above the global rank {r}")
+    return torch.nn.functional.pad(t, (0, 0, 0, r - t.shape[0]))
