@@ -45,7 +45,8 @@ def base_fingerprint(model: CausalLM) -> str:
     for name, t in sorted(_base_tensors(model).items()):
         flat = t.detach().reshape(-1).to(torch.float32)
         n = flat.numel()
-        idx = torch.linspace(0, max(n - 1, 0), min(SAMPLES, n)).round().long()
+        k = min(SAMPLES, n)
+        idx = torch.arange(k, dtype=torch.int64) * (n - 1) // max(k - 1, 1)  # exact ints
         h.update(f"{name}:{tuple(t.shape)}".encode())
         h.update(flat[idx].contiguous().numpy().tobytes())
     return h.hexdigest()[:FINGERPRINT_HEX]

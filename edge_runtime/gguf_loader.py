@@ -1,0 +1,206 @@
+"""Load a Llama-family GGUF file (llama.cpp's format) into `CausalLM` + `Tokenizer`.
+
+Architectures: `llama` (SmolLM2, Llama 2/3) and `qwen2` (q/k/v biases). Tensors are
+dequantized to fp32 with `gguf.quants.dequantize`. GGUF lists shapes fastest-dim first
+(`token_embd` is [dim, vocab] in the file), so arrays come back as (vocab, dim) rows.
+
+llama.cpp's converter (`convert_hf_to_gguf.py`, `LlamaModel.permute`) reorders the rows
+of `attn_q`/`attn_k` within each head from HF's rotate-half layout (first half, second
+half) to llama.cpp's interleaved pairs: view (n_head, 2, head_dim/2, d), swap axes 1 and
+2. We undo it, (n_head, head_dim/2, 2, d) -> (n_head, 2, head_dim/2, d), because our RoPE
+is HF's rotate-half. Qwen2 is converted without that permutation.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from edge_runtime.errors import CheckpointError
+from edge_runtime.gguf_rope import llama3_scaling_from_freq_factors
+from edge_runtime.gguf_tokenizer import gguf_field, tokenizer_from_gguf
+from edge_runtime.model import CausalLM, ModelConfig
+from edge_runtime.state_io import load_weights
+from edge_runtime.tokenizer import Tokenizer
+
+__all__ = ["load_gguf", "open_gguf", "gguf_config", "gguf_tensors", "unpermute_qk",
+           "SUPPORTED_TYPES", "SUPPORTED_ARCHS"]
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_ARCHS = ("llama", "qwen2")
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
+
+# GGUF tensor name -> HF name (`{i}` = block index).
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_BLOCK_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+_BLOCK_RE = re.compile(r"^blk\.(\d+)\.(.+)$")
+ROPE_FREQS = "rope_freqs.weight"
+
+
+def open_gguf(path: str | Path) -> Any:
+    """A `gguf.GGUFReader` for `path`, or a CheckpointError naming the file."""
+    from gguf import GGUFReader
+
+    try:
+        return GGUFReader(str(path))
+    except Exception as e:  # the reader raises ValueError/struct.error/... on bad files
+        raise CheckpointError(
+            f"{path} is not a readable GGUF file ({type(e).__name__}: {e}); "
+            "re-download it (edge-rt pull) or convert the model again"
+        ) from None
+
+
+def _required(reader: Any, key: str) -> Any:
+    value = gguf_field(reader, key)
+    if value is None:
+        raise CheckpointError(f"GGUF metadata key {key!r} is missing; the file is incomplete")
+    return value
+
+
+def _f32(value: Any) -> float:
+    """GGUF stores floats as f32: take the shortest decimal that round-trips (1e-05, not
+    9.99999974e-06) so configs, and fingerprints, match the HF config of the same model."""
+    return float(str(np.float32(value)))
+
+
+def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Undo llama.cpp's Q/K row order: (n_head*hd, d) interleaved -> HF rotate-half order."""
+    rows, d = w.shape
+    hd = rows // n_head
+    return (w.reshape(n_head, hd // 2, 2, d)  # (H, hd/2, 2, d): llama.cpp pairs
+             .transpose(1, 2)  # (H, 2, hd/2, d): halves
+             .reshape(rows, d))
+
+
+def _dequantize(t: Any) -> np.ndarray:
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    qtype = GGMLQuantizationType(int(t.tensor_type))
+    if qtype.name not in SUPPORTED_TYPES:
+        raise CheckpointError(
+            f"GGUF tensor {t.name} has type {qtype.name}, which is not supported "
+            f"(supported: {', '.join(SUPPORTED_TYPES)}); re-quantize the model to one of them"
+        )
+    shape = tuple(int(s) for s in reversed(t.shape.tolist()))  # numpy order
+    arr = dequantize(t.data, qtype)
+    if arr.size != int(np.prod(shape)):
+        raise CheckpointError(f"GGUF tensor {t.name}: {arr.size} values for shape {shape}")
+    # F32 data is a read-only memmap: copy before handing it to torch.
+    return np.array(arr.reshape(shape), dtype=np.float32, copy=True)
+
+
+def gguf_tensors(reader: Any) -> dict[str, np.ndarray]:
+    """Every tensor, dequantized to fp32, under its GGUF name."""
+    return {t.name: _dequantize(t) for t in reader.tensors}
+
+
+def gguf_config(reader: Any, shapes: dict[str, tuple[int, ...]],
+                rope_freqs: np.ndarray | None = None) -> ModelConfig:
+    """The `ModelConfig` described by the GGUF metadata and tensor shapes (numpy order)."""
+    arch = str(_required(reader, "general.architecture"))
+    if arch not in SUPPORTED_ARCHS:
+        raise CheckpointError(
+            f"GGUF architecture {arch!r} is not supported (supported: "
+            f"{', '.join(SUPPORTED_ARCHS)})"
+        )
+
+    def key(name: str, default: Any = None) -> Any:
+        full = f"{arch}.{name}"
+        return _required(reader, full) if default is None else gguf_field(reader, full, default)
+
+    dim = int(key("embedding_length"))
+    n_heads = int(key("attention.head_count"))
+    n_kv = int(key("attention.head_count_kv", n_heads))
+    head_dim = int(key("attention.key_length", dim // n_heads))
+    if "token_embd.weight" not in shapes:
+        raise CheckpointError("GGUF file has no token_embd.weight tensor")
+    vocab = shapes["token_embd.weight"][0]
+    theta = _f32(key("rope.freq_base", 10000.0))
+    scaling_type = str(key("rope.scaling.type", "none"))
+    rope_scaling: dict[str, Any] | None = None
+    if rope_freqs is not None:
+        orig = int(key("rope.scaling.original_context_length", 8192))
+        rope_scaling = llama3_scaling_from_freq_factors(rope_freqs, theta, head_dim, orig)
+    elif scaling_type not in ("none", ""):
+        raise CheckpointError(
+            f"GGUF rope scaling type {scaling_type!r} is not supported (only Llama-3 scaling, "
+            "stored as rope_freqs)"
+        )
+    return ModelConfig(
+        vocab_size=vocab,
+        dim=dim,
+        n_layers=int(key("block_count")),
+        n_heads=n_heads,
+        n_kv_heads=n_kv,
+        hidden_dim=int(key("feed_forward_length")),
+        norm_eps=_f32(key("attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=theta,
+        rope_scaling=rope_scaling,
+        max_seq_len=int(key("context_length", 2048)),
+        tie_embeddings="output.weight" not in shapes,
+        head_dim=head_dim,
+        attention_bias="blk.0.attn_q.bias" in shapes,
+        arch=arch,
+    )
+
+
+def _hf_name(gguf_name: str) -> str:
+    if gguf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[gguf_name]
+    m = _BLOCK_RE.match(gguf_name)
+    if m and m.group(2) in _BLOCK_NAMES:
+        return f"model.layers.{m.group(1)}.{_BLOCK_NAMES[m.group(2)]}"
+    raise CheckpointError(
+        f"GGUF tensor {gguf_name!r} is not part of a supported Llama-family model"
+    )
+
+
+def load_gguf(path: str | Path) -> tuple[CausalLM, Tokenizer]:
+    """Model (fp32, HF layout) and tokenizer from a GGUF file.
+
+    Raises:
+        CheckpointError: unreadable file, unsupported architecture, tensor type or
+            tokenizer, a tensor the model does not have, or one it lacks.
+    """
+    reader = open_gguf(path)
+    arrays = gguf_tensors(reader)
+    rope_freqs = arrays.pop(ROPE_FREQS, None)
+    cfg = gguf_config(reader, {k: a.shape for k, a in arrays.items()}, rope_freqs)
+    permute = cfg.arch == "llama"
+    state: dict[str, torch.Tensor] = {}
+    for gname, arr in arrays.items():
+        t = torch.from_numpy(arr)
+        if permute and gname.endswith("attn_q.weight"):
+            t = unpermute_qk(t, cfg.n_heads)
+        elif permute and gname.endswith("attn_k.weight"):
+            t = unpermute_qk(t, cfg.n_kv_heads)
+        state[_hf_name(gname)] = t
+    model = CausalLM(cfg)
+    load_weights(model, state, where=str(path))
+    tok = tokenizer_from_gguf(reader)
+    log.debug("GGUF %s: %s, %d blocks, dim %d", path, cfg.arch, cfg.n_layers, cfg.dim)
+    return model, tok
