@@ -7,7 +7,7 @@ import torch
 from edge_runtime.errors import CheckpointError
 from edge_runtime.model import CausalLM
 
-__all__ = ["load_weights", "expected_keys"]
+__all__ = ["load_weights", "expected_keys", "base_state_dict"]
 
 
 def expected_keys(model: CausalLM) -> dict[str, tuple[int, ...]]:
@@ -46,3 +46,20 @@ def load_weights(model: CausalLM, state: dict[str, torch.Tensor], *, where: str)
                     f"{where}: {name} has shape {tuple(t.shape)}, the config says {shape}"
                 )
             params[name].copy_(t.to(torch.float32))
+
+
+def base_state_dict(model: CausalLM) -> dict[str, torch.Tensor]:
+    """The frozen base weights under checkpoint names (LoRA factors left out, `.base`
+    unwrapped, the tied head omitted). Refuses a quantized model: its fp32 weights are gone.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for name, t in model.state_dict().items():
+        parts = name.split(".")
+        if parts[-1] in ("lora_a", "lora_b"):
+            continue
+        if parts[-1] in ("qweight", "scale", "zero"):
+            raise ValueError(f"{name} is quantized; write the model loaded with --quant none")
+        out[".".join(p for p in parts if p != "base")] = t
+    if model.config.tie_embeddings:
+        out.pop("lm_head.weight", None)
+    return out
