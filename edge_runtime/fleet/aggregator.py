@@ -281,14 +281,22 @@ class AggregatorService:
     def current(self) -> RoundOpen:
         """The open round's announcement and downloads (recomputed, deterministic)."""
         assert self.open is not None
+        return self._round_open(self.open["plans"], float(self.open["deadline_unix"]), False)
+
+    def final_round(self) -> RoundOpen:
+        """After the last merge: every registered device's share of the final global."""
+        plans = {d: self._plan(d).to_json() for d in sorted(self.devices)}
+        return self._round_open(plans, self.clock(), True)
+
+    def _round_open(self, plans: dict[str, Any], deadline: float, finished: bool) -> RoundOpen:
         downloads: dict[str, tuple[Manifest, bytes]] = {}
         devices: dict[str, DevicePlan] = {}
         by_key: dict[str, str] = {}
-        for dev, pj in sorted(self.open["plans"].items()):
+        for dev, pj in sorted(plans.items()):
             plan = ClientPlan.from_json(pj)
             key = json.dumps({"ranks": plan.ranks, "alpha": plan.alpha}, sort_keys=True)
             tid = by_key.get(key)
-            if tid is None:
+            if tid is None:  # devices with the same plan share one download
                 digest = hashlib.sha256(key.encode()).hexdigest()[:10]
                 tid = f"g{self.round}-{digest}"
                 data = encode_adapter(self.strategy.distribute(self.global_adapter, plan),
@@ -300,9 +308,9 @@ class AggregatorService:
                                                 transfer_id=tid), data)
                 by_key[key] = tid
             devices[dev] = DevicePlan(plan=pj, global_transfer_id=tid, train=self.train)
-        ann = RoundAnnouncement(round=self.round, deadline_unix=self.open["deadline_unix"],
+        ann = RoundAnnouncement(round=self.round, deadline_unix=deadline,
                                 fingerprint=self.fingerprint, strategy=self.cfg.strategy,
-                                devices=devices)
+                                devices=devices, finished=finished)
         return RoundOpen(ann, downloads)
 
     def count_up(self, nbytes: int) -> None:

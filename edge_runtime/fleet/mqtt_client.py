@@ -174,7 +174,7 @@ class MqttLink:
     def _on_disconnect(self, client: mqtt.Client, userdata: object, flags: object,
                        reason: mqtt.ReasonCode, properties: object) -> None:
         self.connected.clear()
-        if reason.value != 0:
+        if reason.value != 0 and self._answered.is_set() and self._refused is None:
             log.warning("%s: disconnected (%s); reconnecting with backoff", self.client_id, reason)
 
     def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
@@ -187,6 +187,19 @@ class MqttLink:
                         msg.topic)
 
     # use -------------------------------------------------------------------------
+    def subscribe(self, topic: str) -> None:
+        """Add a subscription (kept across reconnects)."""
+        if topic not in self.subscriptions:
+            self.subscriptions.append(topic)
+        if self._client is not None:
+            self._client.subscribe(topic, qos=1)
+
+    def unsubscribe(self, topic: str) -> None:
+        if topic in self.subscriptions:
+            self.subscriptions.remove(topic)
+        if self._client is not None:
+            self._client.unsubscribe(topic)
+
     def get(self, timeout: float | None) -> InboundMessage | None:
         try:
             return self.inbox.get(timeout=timeout)

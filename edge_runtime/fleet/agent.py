@@ -1,0 +1,303 @@
+"""The device agent: join the fleet, train each round within its deadline, upload, apply.
+
+One worker loop over the MQTT link's bounded queue (callbacks only enqueue):
+register (with the device's profile) whenever the aggregator is seen online; on a round
+announcement that selects this device, subscribe to its own download, reassemble and
+verify it, train with the core trainer until the round's deadline (the strategy's
+regulariser added to the loss), let the strategy finish the local adapter (HetLoRA
+prunes), write the update to the on-disk outbox, upload it in chunks and re-send until
+the aggregator acks. After a restart, the outbox is re-sent. When the aggregator
+announces `finished`, the agent applies its share of the final global adapter.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edge_runtime.adapter import Adapter
+from edge_runtime.checkpoints import load_model
+from edge_runtime.config import MqttConfig, TrainConfig
+from edge_runtime.data import load_jsonl
+from edge_runtime.fl import make_strategy
+from edge_runtime.fl.types import ClientPlan
+from edge_runtime.fleet.codec import decode_adapter, encode_adapter
+from edge_runtime.fleet.mqtt_client import InboundMessage, MqttLink
+from edge_runtime.fleet.outbox import Outbox
+from edge_runtime.fleet.protocol import (
+    Ack,
+    AggregatorStatus,
+    Manifest,
+    Presence,
+    ProtocolError,
+    Register,
+    RoundAnnouncement,
+    Topics,
+    check_id,
+)
+from edge_runtime.fleet.transfer import Reassembler, TransferError, iter_chunks, make_manifest
+from edge_runtime.lora import get_adapter, remove_lora, set_adapter
+from edge_runtime.trainer import train
+
+__all__ = ["AgentConfig", "DeviceAgent"]
+
+log = logging.getLogger(__name__)
+
+_TRAIN_KEYS = {"steps", "lr", "batch_size", "seq_len", "grad_accum", "weight_decay", "seed"}
+
+
+@dataclass
+class AgentConfig:
+    """One device's settings.
+
+    Attributes:
+        device_id: unique id (also the broker username when the ACL is on).
+        data: local JSONL training file (never leaves the device).
+        model: model spec for `load_model` (GGUF path, HF folder, `smollm2-135m`, `tiny`).
+        state_dir: outbox and last adapter live here.
+        profile: the device's profile (measured by `edge-rt profile` or declared).
+        device_class: e.g. pi4, pi5, phone (the aggregator's fallback for a plan).
+        quant: weight-only quantization of the frozen base.
+        compression: upload encoding (fp32, fp16, int8).
+        chunk_size: upload chunk size in bytes.
+        ack_timeout_s: re-send an update not acked within this many seconds.
+        uplink_bytes_per_s: emulate a slow uplink (0 = unlimited).
+        out: where to save the final adapter (optional).
+        exit_when_done: stop once the final adapter is applied.
+    """
+
+    device_id: str
+    data: Path
+    model: str = "tiny"
+    state_dir: Path = Path(".edge-rt-agent")
+    profile: dict[str, Any] = field(default_factory=dict)
+    device_class: str = ""
+    quant: str = "none"
+    compression: str = "fp32"
+    chunk_size: int = 64 * 1024
+    ack_timeout_s: float = 10.0
+    uplink_bytes_per_s: float = 0.0
+    out: Path | None = None
+    exit_when_done: bool = True
+
+    def __post_init__(self) -> None:
+        check_id(self.device_id, "--device-id")
+
+
+class DeviceAgent:
+    def __init__(self, cfg: AgentConfig, mqtt: MqttConfig) -> None:
+        self.cfg = cfg
+        self.topics = Topics(mqtt.prefix, mqtt.fleet)
+        dev = cfg.device_id
+        self.examples = load_jsonl(cfg.data)
+        self.loaded = load_model(cfg.model, cfg.quant)
+        self.outbox = Outbox(Path(cfg.state_dir) / "outbox")
+        self.link = MqttLink(mqtt, f"edge-rt-dev-{dev}",
+                             [self.topics.round(), self.topics.status(), self.topics.ack(dev)],
+                             will=(self.topics.presence(dev), Presence(dev, False).to_bytes(), True))
+        self.pending: RoundAnnouncement | None = None  # a round we must train for
+        self.download: tuple[str, Reassembler] | None = None
+        self.inflight: dict[str, tuple[Manifest, bytes, float]] = {}  # tid -> (m, data, sent)
+        self.done_rounds: set[int] = set()
+        self.latest_round = -1
+        self.final_applied = False
+        self.rounds_trained = 0
+        self._seen_connects = 0
+        self._stop = False
+
+    # helpers -------------------------------------------------------------------------
+    def _register(self) -> None:
+        dev = self.cfg.device_id
+        self.link.publish(self.topics.presence(dev), Presence(dev, True).to_bytes(), retain=True)
+        reg = Register(dev, self.loaded.fingerprint, len(self.examples), self.cfg.profile,
+                       self.cfg.device_class)
+        self.link.publish(self.topics.register(dev), reg.to_bytes())
+
+    def _want_download(self, tid: str) -> None:
+        if self.download is not None and self.download[0] == tid:
+            return
+        if self.download is not None:
+            self.link.unsubscribe(f"{self.topics.base}/agg/down/{self.download[0]}/#")
+        self.download = (tid, Reassembler(max_bytes=1 << 30))
+        self.link.subscribe(f"{self.topics.base}/agg/down/{tid}/#")
+
+    def _send(self, m: Manifest, data: bytes) -> None:
+        dev = self.cfg.device_id
+        self.link.publish(self.topics.up_manifest(dev, m.transfer_id), m.to_bytes(), qos=1)
+        rate = self.cfg.uplink_bytes_per_s
+        for off, chunk in iter_chunks(data, m.chunk_size):
+            self.link.publish(self.topics.up_chunk(dev, m.transfer_id, off), chunk, qos=1)
+            if rate > 0:
+                time.sleep(len(chunk) / rate)
+        self.inflight[m.transfer_id] = (m, data, time.monotonic())
+        log.info("%s: sent update %s for round %d (%d bytes)", dev, m.transfer_id, m.round,
+                 len(data))
+
+    # message handling ------------------------------------------------------------------
+    def _handle(self, msg: InboundMessage) -> None:
+        try:
+            pt = self.topics.parse(msg.topic)
+        except ProtocolError:
+            return
+        if not msg.payload:  # a cleared retained message
+            return
+        try:
+            if pt.kind == "status":
+                if AggregatorStatus.from_bytes(msg.payload).online:
+                    self._register()
+            elif pt.kind == "round":
+                self._on_round(RoundAnnouncement.from_bytes(msg.payload))
+            elif pt.kind == "ack":
+                self._on_ack(Ack.from_bytes(msg.payload))
+            elif pt.kind in ("down_manifest", "down_chunk") and self.download is not None:
+                tid, r = self.download
+                if pt.transfer_id != tid:
+                    return
+                if pt.kind == "down_manifest":
+                    r.set_manifest(Manifest.from_bytes(msg.payload))
+                else:
+                    r.add_chunk(int(pt.offset or 0), msg.payload)
+        except (ProtocolError, TransferError) as e:
+            log.warning("%s: bad message on %s: %s", self.cfg.device_id, msg.topic, e)
+            if self.download is not None and pt.transfer_id == self.download[0]:
+                self.download = None  # start the download over on the next announcement
+
+    def _on_round(self, ann: RoundAnnouncement) -> None:
+        dev = self.cfg.device_id
+        if ann.fingerprint != self.loaded.fingerprint:
+            log.error("%s: the fleet's base model %s is not ours (%s); not taking part", dev,
+                      ann.fingerprint[:12], self.loaded.fingerprint[:12])
+            return
+        self.latest_round = max(self.latest_round, ann.round)
+        for tid, (m, _, _) in list(self.inflight.items()):
+            if m.round < ann.round:  # our update's round is over; it can no longer count
+                self.inflight.pop(tid)
+                self.outbox.remove(tid)
+        if dev not in ann.devices:
+            return
+        if ann.finished or ann.round not in self.done_rounds:
+            self.pending = ann
+            self._want_download(ann.devices[dev].global_transfer_id)
+            for m, data in self.outbox.pending():  # restarted with a finished update
+                if m.round == ann.round and m.transfer_id not in self.inflight:
+                    self._send(m, data)
+                    self.pending = None
+                    self.done_rounds.add(ann.round)
+
+    def _on_ack(self, ack: Ack) -> None:
+        if ack.transfer_id not in self.inflight:
+            return
+        self.inflight.pop(ack.transfer_id)
+        self.outbox.remove(ack.transfer_id)
+        if ack.status == "accepted" or ack.reason == "duplicate":
+            log.info("%s: round %d update accepted", self.cfg.device_id, ack.round)
+        else:
+            log.warning("%s: round %d update rejected: %s %s", self.cfg.device_id, ack.round,
+                        ack.reason, ack.detail)
+
+    # the work ----------------------------------------------------------------------------
+    def _start_adapter(self) -> tuple[RoundAnnouncement, Adapter, ClientPlan] | None:
+        ann, dl = self.pending, self.download
+        if ann is None or dl is None or not dl[1].complete:
+            return None
+        data = dl[1].result()
+        adapter, meta = decode_adapter(data)
+        if meta.get("fingerprint") != self.loaded.fingerprint:
+            raise TransferError("bad_fingerprint", "global adapter is for another base model")
+        plan = ClientPlan.from_json(ann.devices[self.cfg.device_id].plan)
+        return ann, adapter, plan
+
+    def _train_round(self, ann: RoundAnnouncement, start: Adapter, plan: ClientPlan) -> None:
+        dev = self.cfg.device_id
+        model = self.loaded.model
+        remove_lora(model)
+        set_adapter(model, start, create=True)
+        strategy = make_strategy(ann.strategy)
+        settings = ann.devices[dev].train
+        tcfg = TrainConfig(**{k: v for k, v in settings.items() if k in _TRAIN_KEYS})
+        left = ann.deadline_unix - time.time()
+        margin = min(10.0, 0.25 * max(left, 0.0))  # leave time to upload
+        if left - margin <= 0.5:
+            log.warning("%s: round %d deadline already passed; skipping", dev, ann.round)
+            self.done_rounds.add(ann.round)
+            return
+        reg = strategy.regularizer(start, plan, ann.round)
+        res = train(model, self.loaded.tokenizer, self.examples, tcfg,  # type: ignore[arg-type]
+                    regularizer=reg, deadline=time.monotonic() + left - margin)
+        update = strategy.finish_local(start, get_adapter(model), plan)
+        meta = {"fingerprint": self.loaded.fingerprint, "n_samples": len(self.examples),
+                "round": ann.round, "steps": res.steps,
+                "train_loss": res.losses[-1] if res.losses else None}
+        data = encode_adapter(update, meta, self.cfg.compression)
+        m = make_manifest(data, kind="update", round=ann.round, device_id=dev,
+                          chunk_size=self.cfg.chunk_size, compression=self.cfg.compression,
+                          meta={"n_samples": len(self.examples)})
+        self.outbox.put(m, data)  # survives a restart from here on
+        self.rounds_trained += 1
+        self.done_rounds.add(ann.round)
+        log.info("%s: round %d trained %d steps in %.1fs (loss %s)", dev, ann.round, res.steps,
+                 res.elapsed_s, meta["train_loss"])
+        self._send(m, data)
+
+    def _apply_final(self, adapter: Adapter) -> None:
+        model = self.loaded.model
+        remove_lora(model)
+        set_adapter(model, adapter, create=True)
+        self.final_applied = True
+        if self.cfg.out is not None:
+            save_final(Path(self.cfg.out), adapter, self.loaded.fingerprint, self.loaded.name)
+        log.info("%s: applied the final global adapter", self.cfg.device_id)
+
+    def stop(self) -> None:
+        self._stop = True
+
+    def run(self, timeout_s: float | None = None) -> int:
+        """Serve rounds until the aggregator finishes (or `timeout_s`); returns rounds trained."""
+        self.link.connect()
+        end = None if timeout_s is None else time.monotonic() + timeout_s
+        while not self._stop and (end is None or time.monotonic() < end):
+            if self.link.connects != self._seen_connects:
+                self._seen_connects = self.link.connects
+                self._register()
+            msg = self.link.get(0.2)
+            while msg is not None:
+                self._handle(msg)
+                msg = self.link.get(0)
+            try:
+                ready = self._start_adapter()
+            except TransferError as e:
+                log.warning("%s: download failed (%s); waiting for a re-announcement",
+                            self.cfg.device_id, e)
+                self.download = None
+                ready = None
+            if ready is not None:
+                ann, start, plan = ready
+                self.pending = None
+                if ann.finished:
+                    self._apply_final(start)
+                    if self.cfg.exit_when_done:
+                        break
+                else:
+                    self._train_round(ann, start, plan)
+            now = time.monotonic()
+            for m, data, sent in list(self.inflight.values()):
+                if now - sent > self.cfg.ack_timeout_s:
+                    log.info("%s: no ack for %s; re-sending", self.cfg.device_id, m.transfer_id)
+                    self._send(m, data)
+        self.link.close()
+        return self.rounds_trained
+
+
+def save_final(out: Path, adapter: Adapter, fingerprint: str, base_name: str) -> None:
+    """Save an adapter as a PEFT folder (the core's adapter_io), or the wire format."""
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        from edge_runtime.adapter_io import save_adapter
+    except ImportError:
+        (out / "adapter.safetensors").write_bytes(
+            encode_adapter(adapter, {"fingerprint": fingerprint, "base_name": base_name}))
+        return
+    save_adapter(out, adapter, fingerprint=fingerprint, base_name=base_name)
