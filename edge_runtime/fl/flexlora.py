@@ -16,7 +16,8 @@ round's result is computed by one of:
   singular values settle; its residual is reported (`FlexLoRAAccumulator.report`).
 - `full`: dense sum + full SVD, the reference.
 `auto` starts factored and switches a module to streaming when its R reaches
-min(d_out, d_in).
+min(d_out, d_in); at close, a streaming module whose smaller side is below three times
+the randomized block (r_max + oversample) takes a dense SVD (exact and cheaper there).
 
 The global adapter is kept at rank r_max per module in SVD form (A rows orthonormal,
 B = U S / s), so distributing to rank r <= r_max by the factored SVD of the global is
@@ -110,10 +111,10 @@ class FlexLoRAAccumulator:
     """
 
     def __init__(self, global_adapter: Adapter, cfg: FlexLoRAConfig | None = None,
-                 dense_dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype = torch.float32) -> None:
         self.global_adapter = global_adapter
         self.cfg = cfg or FlexLoRAConfig()
-        self.dense_dtype = dense_dtype
+        self.dtype = dtype  # of the stacks, the dense sum and the SVDs
         self._state: dict[str, _ModuleState] = {}
         self._count = 0
         self.report: dict[str, ModuleReport] = {}
@@ -123,9 +124,9 @@ class FlexLoRAAccumulator:
         return self._count
 
     def _to_dense(self, st: _ModuleState, d_out: int, d_in: int) -> None:
-        st.dense = torch.zeros(d_out, d_in, dtype=self.dense_dtype)
+        st.dense = torch.zeros(d_out, d_in, dtype=self.dtype)
         for b, a in zip(st.b_parts, st.a_parts, strict=True):
-            st.dense.addmm_(b.to(self.dense_dtype), a.to(self.dense_dtype))
+            st.dense.addmm_(b.to(self.dtype), a.to(self.dtype))
         st.b_parts, st.a_parts = [], []
 
     def add(self, update: ClientUpdate) -> None:
@@ -135,8 +136,8 @@ class FlexLoRAAccumulator:
         for name, w in update.adapter.items():
             g = self.global_adapter[name]
             st = self._state.setdefault(name, _ModuleState())
-            b = w.lora_b.double() * (w.scale * n)  # (d_out, r_k)
-            a = w.lora_a.double()  # (r_k, d_in)
+            b = w.lora_b.to(self.dtype) * (w.scale * n)  # (d_out, r_k)
+            a = w.lora_a.to(self.dtype)  # (r_k, d_in)
             st.weight += n
             st.clients += 1
             st.stacked_rank += w.rank
@@ -145,7 +146,7 @@ class FlexLoRAAccumulator:
             if dense_now and st.dense is None:
                 self._to_dense(st, g.d_out, g.d_in)
             if st.dense is not None:
-                st.dense.addmm_(b.to(self.dense_dtype), a.to(self.dense_dtype))
+                st.dense.addmm_(b, a)
             else:
                 st.b_parts.append(b)
                 st.a_parts.append(a)
@@ -153,12 +154,14 @@ class FlexLoRAAccumulator:
 
     def _close(self, name: str, st: _ModuleState, rank: int) -> SVDResult:
         if st.dense is None:
-            res = factored_svd(torch.cat(st.b_parts, 1) / st.weight,
-                               torch.cat(st.a_parts, 0), rank)
-            return res
+            return factored_svd(torch.cat(st.b_parts, 1) / st.weight,
+                                torch.cat(st.a_parts, 0), rank, dtype=self.dtype)
         d = st.dense / st.weight
-        if self.cfg.mode == "full":
-            return dense_svd(d.double() if self.dense_dtype == torch.float64 else d, rank)
+        l_cols = rank + self.cfg.oversample
+        if self.cfg.mode == "full" or (self.cfg.mode == "auto" and 3 * l_cols >= min(d.shape)):
+            # small modules (e.g. 128-row k/v projections): a dense SVD is exact and cheaper
+            # than subspace iteration with a block of nearly the full width
+            return dense_svd(d, rank)
         return randomized_svd(d, rank, oversample=self.cfg.oversample, tol=self.cfg.power_tol,
                               max_iters=self.cfg.max_power_iters, seed=self.cfg.seed)
 

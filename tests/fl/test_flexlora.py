@@ -37,7 +37,7 @@ def test_aggregate_matches_full_svd_and_is_eckart_young(mode):
     cfg = FlexLoRAConfig(mode=mode)
     out = FlexLoRA(cfg).aggregate(g, ups)
     full = FlexLoRA(FlexLoRAConfig(mode="full"))
-    full_acc = FlexLoRAAccumulator(g, full.cfg, dense_dtype=torch.float64)
+    full_acc = FlexLoRAAccumulator(g, full.cfg, dtype=torch.float64)
     for u in ups:
         full_acc.add(u)
     ref = full_acc.result()
@@ -60,21 +60,27 @@ def test_aggregate_matches_full_svd_and_is_eckart_young(mode):
 
 def test_streaming_many_clients_top_singular_values():
     gen = torch.Generator().manual_seed(2)
-    shapes = {"m.layers.0.x": (30, 60)}
+    shapes = {"m.layers.0.x": (60, 90)}
     g = rand_adapter(gen, {"m.layers.0.x": 6}, shapes=shapes)
-    ups = [make_update(gen, f"d{i}", {"m.layers.0.x": 4}, 1, shapes=shapes) for i in range(12)]
-    acc = FlexLoRAAccumulator(g, FlexLoRAConfig(mode="auto"))
+    ups = [make_update(gen, f"d{i}", {"m.layers.0.x": 4}, 1, shapes=shapes) for i in range(20)]
+    acc = FlexLoRAAccumulator(g, FlexLoRAConfig(mode="auto", oversample=4))
     for u in ups:
         acc.add(u)
     out = acc.result()
     rep = acc.report["m.layers.0.x"]
-    assert rep.path == "randomized" and rep.stacked_rank == 48
+    assert rep.path == "randomized" and rep.stacked_rank == 80
     d = _weighted_dense(ups, "m.layers.0.x").numpy()
     s_np = np.linalg.svd(d, compute_uv=False)
     s_got = np.linalg.svd(out["m.layers.0.x"].delta().numpy(), compute_uv=False)[:6]
     np.testing.assert_allclose(s_got, s_np[:6], rtol=1e-4)
     opt = np.sqrt((s_np[6:] ** 2).sum() / (s_np ** 2).sum())
     assert rep.residual_rel == pytest.approx(opt, rel=1e-3)
+    # with a block nearly as wide as the matrix, auto takes the exact dense SVD instead
+    acc = FlexLoRAAccumulator(g, FlexLoRAConfig(mode="auto", oversample=16))
+    for u in ups:
+        acc.add(u)
+    acc.result()
+    assert acc.report["m.layers.0.x"].path == "full"
 
 
 def test_randomized_svd_converges_on_a_flat_spectrum():
@@ -106,5 +112,5 @@ def test_empty_and_one_client_rounds():
     u = make_update(gen, "d0", {n: 3 for n in SH}, 5, shapes=SH)
     one = FlexLoRA().aggregate(g, [u])
     for n in SH:  # rank 3 <= R_G: the aggregate is the client's product exactly
-        torch.testing.assert_close(one[n].delta(), u.adapter[n].delta(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(one[n].delta(), u.adapter[n].delta(), rtol=1e-5, atol=1e-5)
         assert one[n].rank == R_G
