@@ -16,6 +16,7 @@ __all__ = ["main", "build_parser", "COMMANDS"]
 
 # Subcommand modules under edge_runtime.cli, in help order.
 COMMANDS: tuple[str, ...] = (
+    "pull",
     "train",
     "generate",
     "eval",
