@@ -1,0 +1,237 @@
+"""One-command fleet demo: broker, aggregator and N agent processes of different classes.
+
+`run_demo` writes non-IID local data for each client (one topic per client, generated
+deterministically, so the demo needs no download), starts the embedded broker (unless a
+broker URL is given), runs the aggregator in this process and N `edge-rt agent`
+subprocesses, prints one progress line per round on stderr, and writes:
+
+    OUT/metrics.json    {"strategy", "config", "rounds": [{"round", "eval_loss", "bytes_up",
+                        "bytes_down", "sim_time_s", "participants"}], "fleet": {...}}
+    OUT/adapter/        the final global adapter (PEFT folder)
+    OUT/logs/*.log      each agent's log;  OUT/state/  the aggregator's state
+
+Bytes are the MQTT packets the broker really received from devices (up) and delivered
+to them (down), counted inside the embedded broker; with an external broker they are
+the payload and topic bytes the aggregator itself sent and received.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edge_runtime.checkpoints import load_model
+from edge_runtime.config import FleetConfig, MqttConfig
+from edge_runtime.data import load_jsonl
+from edge_runtime.errors import UserError
+from edge_runtime.fleet.agent import save_final
+from edge_runtime.fleet.aggregator import RoundRecord
+from edge_runtime.fleet.broker import EmbeddedBroker
+from edge_runtime.fleet.build import build_service
+from edge_runtime.fleet.server import AggregatorNode
+
+__all__ = ["DemoConfig", "run_demo", "write_demo_data", "DEVICE_CLASSES"]
+
+log = logging.getLogger(__name__)
+
+DEVICE_CLASSES = ("pi5", "pi4", "phone")
+
+# One topic per client: the same question shape, different answers (label skew).
+_TOPICS: dict[str, list[str]] = {
+    "color": ["red", "green", "blue", "yellow", "purple", "orange", "white", "black"],
+    "animal": ["cat", "dog", "owl", "fox", "bee", "cow", "eel", "yak"],
+    "city": ["Paris", "Rome", "Oslo", "Lima", "Cairo", "Delhi", "Quito", "Seoul"],
+    "number": ["one", "two", "three", "four", "five", "six", "seven", "eight"],
+}
+
+
+def _rows(topic: str, items: range, seed: int) -> list[dict[str, str]]:
+    rng = random.Random(seed)
+    vals = _TOPICS[topic]
+    return [{"prompt": f"What {topic} is item {i}?",
+             "response": f"Item {i} is {vals[(i * 3 + rng.randrange(2)) % len(vals)]}."}
+            for i in items]
+
+
+def write_demo_data(out: Path, n_clients: int, rows_per_client: int = 32) -> tuple[list[Path], Path]:
+    """Per-client JSONL files (client k gets topic k mod 4) and a held-out eval file."""
+    out.mkdir(parents=True, exist_ok=True)
+    topics = list(_TOPICS)
+    files = []
+    for k in range(n_clients):
+        topic = topics[k % len(topics)]
+        start = 1000 * k
+        rows = _rows(topic, range(start, start + rows_per_client), seed=k)
+        path = out / f"client{k}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        files.append(path)
+    eval_rows = [r for j, t in enumerate(topics[:max(1, min(n_clients, len(topics)))])
+                 for r in _rows(t, range(90000 + 100 * j, 90000 + 100 * j + 8), seed=99 + j)]
+    eval_path = out / "eval.jsonl"
+    eval_path.write_text("".join(json.dumps(r) + "\n" for r in eval_rows))
+    return files, eval_path
+
+
+@dataclass
+class DemoConfig:
+    model: str = "tiny"
+    clients: int = 3
+    rounds: int = 3
+    strategy: str = "hetlora"
+    out: Path = Path("demo-out")
+    broker: str | None = None
+    round_timeout_s: float = 60.0
+    local_steps: int = 10
+    lr: float = 1e-3
+    rank_max: int = 8
+    depth: int = 4
+    seq_len: int = 64
+    compression: str = "fp32"
+    join_timeout_s: float = 180.0
+
+
+def _say(msg: str) -> None:
+    print(f"[demo] {msg}", file=sys.stderr, flush=True)
+
+
+def _classify(topic: str) -> str:
+    parts = topic.split("/")
+    return "up" if len(parts) > 3 and parts[2] == "dev" else "down"
+
+
+def run_demo(cfg: DemoConfig, mqtt: MqttConfig | None = None) -> dict[str, Any]:
+    """Run the whole demo; returns the metrics written to OUT/metrics.json."""
+    if cfg.clients < 1:
+        raise UserError(f"--clients must be at least 1, got {cfg.clients}")
+    out = Path(cfg.out)
+    if (out / "state" / "state.json").exists():
+        raise UserError(f"{out} holds a previous demo run; pass another --out or delete it")
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.monotonic()
+    files, eval_path = write_demo_data(out / "data", cfg.clients)
+    broker = None
+    if cfg.broker is None:
+        broker = EmbeddedBroker(classify=_classify).start()
+        url = f"mqtt://127.0.0.1:{broker.port}"
+        _say(f"embedded MQTT broker on {url}")
+    else:
+        url = cfg.broker
+    mq = mqtt or MqttConfig(url=url)
+    if mqtt is not None:
+        mq.url = url
+    loaded = load_model(cfg.model)
+    depth = min(cfg.depth, loaded.model.config.n_layers)
+    fleet = FleetConfig(strategy=cfg.strategy, rounds=cfg.rounds, min_clients=cfg.clients,
+                        round_timeout_s=cfg.round_timeout_s, compression=cfg.compression,
+                        wait_for_clients_s=cfg.join_timeout_s)
+    train = {"steps": cfg.local_steps, "lr": cfg.lr, "batch_size": 4, "seq_len": cfg.seq_len}
+    svc = build_service(loaded, fleet, out / "state", r_max=cfg.rank_max, depth=depth,
+                        targets=("q_proj", "v_proj"), alpha=16.0, train=train,
+                        eval_examples=load_jsonl(eval_path), seq_len=cfg.seq_len)
+    assert svc.evaluator is not None
+    base_loss = svc.evaluator(svc.global_adapter)
+    _say(f"model {loaded.name}: eval loss of the base model {base_loss:.4f}; strategy "
+         f"{cfg.strategy}, {cfg.clients} clients, {cfg.rounds} rounds")
+
+    wire: list[tuple[int, int]] = []  # broker counters at each round close
+    last = [(0, 0)]
+
+    def on_round(rec: RoundRecord) -> None:
+        if broker is not None:
+            snap = broker.traffic_snapshot()
+            up_in = snap.get("up", (0, 0))[0]
+            down_out = snap.get("down", (0, 0))[1]
+            wire.append((up_in - last[0][0], down_out - last[0][1]))
+            last[0] = (up_in, down_out)
+        up, down = wire[-1] if broker is not None else (rec.bytes_up, rec.bytes_down)
+        _say(f"round {rec.round + 1}/{cfg.rounds}: {rec.participants}/{cfg.clients} updates "
+             f"merged, eval_loss {rec.eval_loss:.4f} (base {base_loss:.4f}), up {up / 1e3:.1f} kB, "
+             f"down {down / 1e3:.1f} kB, {rec.sim_time_s:.1f} s"
+             + (f", rejected {rec.rejected}" if rec.rejected else ""))
+
+    node = AggregatorNode(svc, mq, on_round=on_round, wait_for_clients_s=cfg.join_timeout_s,
+                          linger_s=3.0)
+    logs = out / "logs"
+    logs.mkdir(exist_ok=True)
+    procs: list[subprocess.Popen[bytes]] = []
+    final_down = [0]
+    # N trainers share this machine's cores: one thread each avoids oversubscription
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    try:
+        for k, data in enumerate(files):
+            cls = DEVICE_CLASSES[k % len(DEVICE_CLASSES)]
+            cmd = [sys.executable, "-m", "edge_runtime", "agent", "--broker", url,
+                   "--device-id", f"dev{k}", "--device-class", cls, "--data", str(data),
+                   "--model", cfg.model, "--state", str(out / "agents" / f"dev{k}"),
+                   "--compression", cfg.compression, "--fleet", mq.fleet, "--prefix", mq.prefix]
+            if mq.username:
+                cmd += ["--username", mq.username, "--password", mq.password or ""]
+            with open(logs / f"dev{k}.log", "wb") as lf:
+                procs.append(subprocess.Popen(cmd, stdout=lf, stderr=subprocess.STDOUT, env=env))
+            _say(f"started agent dev{k} ({cls}), log {logs / f'dev{k}.log'}")
+        result: list[BaseException] = []
+
+        def _serve() -> None:
+            try:
+                node.run()
+            except BaseException as e:  # surfaced below
+                result.append(e)
+
+        th = threading.Thread(target=_serve, name="aggregator", daemon=True)
+        th.start()
+        limit = cfg.join_timeout_s + cfg.rounds * (cfg.round_timeout_s * 4 + 30)
+        end = time.monotonic() + limit
+        while th.is_alive() and time.monotonic() < end:
+            th.join(0.5)
+            dead = [p for p in procs if p.poll() not in (None, 0)]
+            if dead and svc.round < cfg.rounds:
+                node.stop()
+                raise UserError(f"agent exited with code {dead[0].returncode}; see {logs}")
+        if th.is_alive():
+            node.stop()
+            raise UserError(f"demo did not finish within {limit:.0f} s; see {logs}")
+        if result:
+            raise result[0]
+        for p in procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(5)
+        if broker is not None:
+            final_down[0] = broker.traffic_snapshot().get("down", (0, 0))[1]
+            broker.stop()
+
+    metrics = svc.metrics_json({"model": cfg.model, "clients": cfg.clients,
+                                "rounds": cfg.rounds, "strategy": cfg.strategy,
+                                "rank_max": cfg.rank_max, "depth": depth, "train": train,
+                                "device_classes": [DEVICE_CLASSES[k % len(DEVICE_CLASSES)]
+                                                   for k in range(cfg.clients)],
+                                "base_eval_loss": base_loss,
+                                "bytes_source": "broker" if broker is not None else "aggregator"})
+    if broker is not None:
+        for r, (up, down) in zip(metrics["rounds"], wire, strict=True):
+            r["bytes_up"], r["bytes_down"] = up, down
+        # the final adapter's distribution after the last merge (not part of any round)
+        metrics["fleet"]["final_download_bytes"] = final_down[0] - last[0][1]
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    save_final(out / "adapter", svc.global_adapter, loaded.fingerprint, loaded.name)
+    codes = [p.returncode for p in procs]
+    _say(f"done in {time.monotonic() - t_start:.1f} s: metrics {out / 'metrics.json'}, "
+         f"adapter {out / 'adapter'}; agents exited {codes}")
+    if any(c != 0 for c in codes):
+        raise UserError(f"some agents failed (exit codes {codes}); see {logs}")
+    return metrics
