@@ -268,6 +268,7 @@ link_cli() {
 install_service() {
     local unit_src="$CHECKOUT/deploy/systemd/edge-rt-agent.service"
     local env_src="$CHECKOUT/deploy/systemd/agent.env.example"
+    local cred_src="$CHECKOUT/deploy/systemd/credentials.example"
     [ -d /run/systemd/system ] || die "--service: systemd is not running here (on Termux use deploy/termux/ instead)" 3
     [ -f "$unit_src" ] || die "--service: $unit_src not found (needs a checkout)" 2
     [ "$VENV" = /opt/edge-runtime/venv ] \
@@ -284,12 +285,12 @@ install_service() {
         as_root install -m 0640 -o root -g edge-rt "$env_src" /etc/edge-runtime/agent.env
         say "wrote /etc/edge-runtime/agent.env (edit: broker, device id, data)"
     fi
-    if as_root test -e /etc/edge-runtime/mqtt-password; then
-        say "/etc/edge-runtime/mqtt-password exists; kept"
+    if as_root test -e /etc/edge-runtime/credentials; then
+        say "/etc/edge-runtime/credentials exists; kept"
     else
-        # Empty placeholder, readable by edge-rt only; the operator writes the password into it.
-        as_root install -m 0400 -o edge-rt -g edge-rt /dev/null /etc/edge-runtime/mqtt-password
-        say "created /etc/edge-runtime/mqtt-password (mode 0400, owner edge-rt): put the password in it"
+        # Readable by edge-rt only; the operator puts EDGE_RT_MQTT_PASSWORD in it.
+        as_root install -m 0400 -o edge-rt -g edge-rt "$cred_src" /etc/edge-runtime/credentials
+        say "wrote /etc/edge-runtime/credentials (mode 0400, owner edge-rt): set the password there"
     fi
     as_root install -m 0644 "$unit_src" /etc/systemd/system/edge-rt-agent.service
     as_root systemctl daemon-reload

@@ -219,12 +219,14 @@ EOF
 )
 }
 
-# in_root CMD...: run inside the arm64 root with a clean environment.
-in_root() {
-    chroot "$ROOT" /usr/bin/env -i HOME=/root LANG=C.UTF-8 TERM=dumb \
-        PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
-        "${PIP_ENV[@]}" "$@"
+# "${IN_ROOT[@]}" CMD...: run inside the arm64 root with a clean environment (an array, not a
+# function, so that `timeout` can run it).
+IN_ROOT=()
+make_in_root() {
+    IN_ROOT=(chroot "$ROOT" /usr/bin/env -i HOME=/root LANG=C.UTF-8 TERM=dumb
+        PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin "${PIP_ENV[@]}")
 }
+in_root() { "${IN_ROOT[@]}" "$@"; }
 
 copy_checkout() {
     # The working tree as it is (what is being verified), without caches and build output.
@@ -254,9 +256,9 @@ has_command() {  # has_command NAME: does the installed edge-rt in the root have
 }
 
 run_install() {
-    step install "$T_INSTALL" in_root bash "$SRC_IN/scripts/install.sh" --no-apt \
+    step install "$T_INSTALL" "${IN_ROOT[@]}" bash "$SRC_IN/scripts/install.sh" --no-apt \
         --home "$HOME_IN" --source "$SRC_IN" --torch-index pypi || return 1
-    step platform "$T_STEP" in_root "$HOME_IN/venv/bin/python" -c '
+    step platform "$T_STEP" "${IN_ROOT[@]}" "$HOME_IN/venv/bin/python" -c '
 import platform, sys, time
 t0 = time.monotonic()
 import torch
@@ -278,41 +280,68 @@ run_cli_step() {  # run_cli_step NAME SUBCOMMAND ARGS...
         record "$name" 0.0 "FAIL (no 'edge-rt $sub' command)"
         return 1
     fi
-    step "$name" "$T_STEP" in_root "$EDGE_RT_IN" "$sub" "$@"
+    step "$name" "$T_STEP" "${IN_ROOT[@]}" "$EDGE_RT_IN" "$sub" "$@"
 }
 
+# The fleet round: Mosquitto on the host's loopback with a password file (no anonymous
+# access), the aggregator on the host (x86_64, as a server would be), and the agent in the
+# arm64 root started the way a phone starts it: deploy/termux/agent-run.sh reading agent.env
+# and the credentials file (the same files the Pi's systemd unit reads).
 run_fleet() {
-    local port agg_log
+    local port fleet="$CACHE/fleet" conf="$ROOT/etc/edge-runtime" pw
     if ! has_command agent; then
         record fleet 0.0 "FAIL (no 'edge-rt agent' command)"; return 1
     fi
     if ! PYTHONPATH="$CHECKOUT" "$HOST_PY" -m edge_runtime aggregator --help >/dev/null 2>&1; then
-        record fleet 0.0 "FAIL (no 'edge-rt aggregator' command on the host)"; return 1
+        record fleet 0.0 "FAIL (no 'edge-rt aggregator' on the host: $HOST_PY)"; return 1
     fi
     port="$("$HOST_PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
-    mkdir -p "$CACHE/fleet"
-    rm -rf "${CACHE:?}/fleet"/*
-    printf 'listener %s 127.0.0.1\nallow_anonymous true\npersistence false\n' "$port" \
-        > "$CACHE/fleet/mosquitto.conf"
-    mosquitto -c "$CACHE/fleet/mosquitto.conf" > "$LOGS/broker.log" 2>&1 &
+    pw="$(head -c 18 /dev/urandom | base64 | tr -d '/+=')"
+    rm -rf "$fleet"
+    mkdir -p "$fleet"
+    mosquitto_passwd -b -c "$fleet/passwd" aggregator "$pw" >/dev/null
+    mosquitto_passwd -b "$fleet/passwd" pi-emulated "$pw" >/dev/null
+    chmod 0644 "$fleet/passwd"   # mosquitto may drop to the 'mosquitto' user
+    printf 'listener %s 127.0.0.1\nallow_anonymous false\npassword_file %s\npersistence false\n' \
+        "$port" "$fleet/passwd" > "$fleet/mosquitto.conf"
+    mosquitto -c "$fleet/mosquitto.conf" > "$LOGS/broker.log" 2>&1 &
     BROKER_PID=$!
     sleep 1
     kill -0 "$BROKER_PID" 2>/dev/null || { record fleet 0.0 "FAIL (broker did not start)"; return 1; }
-    say "Mosquitto on 127.0.0.1:$port (pid $BROKER_PID)"
-    agg_log="$LOGS/aggregator.log"
-    # Aggregator on the host (x86_64, as a server would be); one round, one device.
-    PYTHONPATH="$CHECKOUT" timeout "$T_FLEET" "$HOST_PY" -m edge_runtime aggregator tiny \
-        --broker "127.0.0.1:$port" --rounds 1 --min-devices 1 --out "$CACHE/fleet/global" \
-        > "$agg_log" 2>&1 &
+    say "Mosquitto on 127.0.0.1:$port with a password file (pid $BROKER_PID)"
+
+    # Device configuration as on a Pi/phone: settings, and a credentials file only root reads here.
+    mkdir -p "$conf" "$ROOT/var/lib/edge-runtime"
+    cat > "$conf/agent.env" <<EOF_ENV
+EDGE_RT_AGENT_ARGS="--broker mqtt://127.0.0.1:$port --username pi-emulated --device-id pi-emulated --device-class pi4 --model tiny --data $WORK_IN/train.jsonl --state $WORK_IN/agent-state --out $WORK_IN/global-adapter"
+EOF_ENV
+    (umask 077; printf 'EDGE_RT_MQTT_PASSWORD="%s"\n' "$pw" > "$conf/credentials")
+
+    # One round with the one device; generous deadlines because the device is emulated.
+    EDGE_RT_MQTT_PASSWORD="$pw" PYTHONPATH="$CHECKOUT" timeout "$T_FLEET" "$HOST_PY" \
+        -m edge_runtime aggregator --broker "mqtt://127.0.0.1:$port" --username aggregator \
+        --model tiny --strategy hetlora --rounds 1 --min-clients 1 --local-steps 3 \
+        --batch-size 2 --seq-len 32 --round-timeout-s "$((T_FLEET - 60))" \
+        --wait-for-clients-s "$((T_FLEET - 60))" --state "$fleet/state" --out "$fleet/global" \
+        > "$LOGS/aggregator.log" 2>&1 &
     AGG_PID=$!
     local rc=0
-    step fleet "$T_FLEET" in_root "$EDGE_RT_IN" agent tiny --broker "127.0.0.1:$port" \
-        --device-id pi-emulated --data "$WORK_IN/train.jsonl" --rounds 1 || rc=$?
-    if wait "$AGG_PID"; then say "aggregator finished the round"; else
-        say "aggregator failed; its log:"; tail -n 30 "$agg_log"; rc=1
+    step fleet "$T_FLEET" "${IN_ROOT[@]}" "$HOME_IN/bin/edge-rt-agent-run" || rc=$?
+    if wait "$AGG_PID"; then
+        say "aggregator finished the round; its last lines:"
+        tail -n 5 "$LOGS/aggregator.log"
+    else
+        say "aggregator failed; its log:"
+        tail -n 30 "$LOGS/aggregator.log"
+        rc=1
         RESULTS[-1]="FAIL (aggregator)"
     fi
     AGG_PID=""
+    if [ "$rc" -eq 0 ] && ! [ -f "$ROOT$WORK_IN/global-adapter/adapter_model.safetensors" ]; then
+        say "the agent did not save the global adapter"
+        RESULTS[-1]="FAIL (no global adapter on the device)"
+        rc=1
+    fi
     kill "$BROKER_PID" 2>/dev/null || true
     wait "$BROKER_PID" 2>/dev/null || true
     BROKER_PID=""
@@ -341,6 +370,7 @@ main() {
     build_rootfs
     mount_root
     copy_pip_settings
+    make_in_root
     copy_checkout
     write_data
     local ok=1

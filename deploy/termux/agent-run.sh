@@ -4,11 +4,14 @@
 # Termux:Boot script (deploy/termux/edge-rt-agent) calls it, so no quoting has to survive
 # `proot-distro login ... -- COMMAND`.
 set -eu
-ENV_FILE="${EDGE_RT_AGENT_ENV:-/etc/edge-runtime/agent.env}"
-[ -r "$ENV_FILE" ] || { echo "edge-rt-agent-run: cannot read $ENV_FILE" >&2; exit 2; }
+CONF="${EDGE_RT_CONF_DIR:-/etc/edge-runtime}"
+[ -r "$CONF/agent.env" ] || { echo "edge-rt-agent-run: cannot read $CONF/agent.env" >&2; exit 2; }
 set -a
-# shellcheck disable=SC1090
-. "$ENV_FILE"
+# shellcheck disable=SC1091
+. "$CONF/agent.env"
+# The broker password (EDGE_RT_MQTT_PASSWORD), if the fleet uses one.
+# shellcheck disable=SC1091
+if [ -r "$CONF/credentials" ]; then . "$CONF/credentials"; fi
 set +a
 EDGE_HOME="$(cd "$(dirname "$(readlink -f "$0")")/.." && pwd)"   # /opt/edge-runtime
 cd /var/lib/edge-runtime 2>/dev/null || cd /
