@@ -171,7 +171,7 @@ def _linear_shape(model: nn.Module, name: str) -> tuple[int, int]:
         return mod.d_in, mod.d_out
     if not hasattr(mod, "in_features"):
         raise AdapterMismatchError(f"adapter module {name!r} is not a linear layer")
-    return int(getattr(mod, "in_features")), int(getattr(mod, "out_features"))
+    return int(mod.in_features), int(mod.out_features)
 
 
 def choose_slots(model: CausalLM, adapter: Adapter | None, targets: Iterable[str],
