@@ -329,9 +329,13 @@ class AggregatorService:
         except ProtocolError as e:
             return self.count_rejection(device_id, "bad_manifest", str(e))
         if manifest.round != self.round or self.open is None:
-            was_selected = any(m.get("round") == manifest.round and device_id in m.get("selected", [])
-                               for m in self.metrics)
-            reason = "late" if was_selected and manifest.round == self.round - 1 else "stale_round"
+            # a straggler is a device picked for the round just closed that never delivered;
+            # anything else for a closed round (e.g. a re-sent accepted update) is a replay
+            prev = self.metrics[-1] if self.metrics else {}
+            late = (prev.get("round") == manifest.round == self.round - 1
+                    and device_id in prev.get("selected", [])
+                    and device_id not in prev.get("accepted", []))
+            reason = "late" if late else "stale_round"
             return self.count_rejection(device_id, reason,
                                         f"update for round {manifest.round}, open round is "
                                         f"{self.round if self.open else 'none'}")
@@ -408,6 +412,7 @@ class AggregatorService:
                           rejected=dict(self._round_rejected))
         entry = rec.to_json()
         entry["selected"] = selected
+        entry["accepted"] = sorted(self.accepted)
         atomic_write(self._global_path(self.round + 1), encode_adapter(new_global))
         closed = self.round
         self.metrics.append(entry)

@@ -61,6 +61,7 @@ class AggregatorNode:
     mqtt: MqttConfig
     on_round: Callable[[RoundRecord], None] | None = None
     wait_for_clients_s: float = 120.0
+    start_clients: int = 0  # devices to wait for before round 0 (0: the quorum, min_clients)
     linger_s: float = 5.0
     topics: Topics = field(init=False)
     link: MqttLink = field(init=False)
@@ -192,7 +193,8 @@ class AggregatorNode:
                     self._publish_round(svc.current())
             if svc.open is None:
                 n_ready = len([d for d in svc.online if d in svc.devices])
-                if n_ready < svc.cfg.min_clients and time.monotonic() < t_wait:
+                want = self.start_clients or svc.cfg.min_clients
+                if n_ready < want and time.monotonic() < t_wait:
                     self._drain(0.2)
                     continue
                 opened = svc.plan_round()

@@ -1,0 +1,93 @@
+"""Shared pieces of the fleet integration tests: aggregator/agent threads, waits, certs."""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from edge_runtime.checkpoints import load_model
+from edge_runtime.config import FleetConfig, MqttConfig
+from edge_runtime.fleet.agent import AgentConfig, DeviceAgent
+from edge_runtime.fleet.aggregator import AggregatorService
+from edge_runtime.fleet.build import build_service
+from edge_runtime.fleet.server import AggregatorNode
+
+TRAIN = {"steps": 3, "lr": 1e-3, "batch_size": 4, "seq_len": 48}
+
+
+def wait_for(cond: Callable[[], Any], timeout: float, what: str, step: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = cond()
+        if v:
+            return v
+        time.sleep(step)
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+
+
+def make_service(state: Path, *, strategy: str = "hetlora", rounds: int = 1,
+                 min_clients: int = 1, timeout_s: float = 30.0, max_update_bytes: int = 1 << 20,
+                 chunk_size: int = 64 * 1024) -> AggregatorService:
+    cfg = FleetConfig(strategy=strategy, rounds=rounds, min_clients=min_clients,
+                      round_timeout_s=timeout_s, max_update_bytes=max_update_bytes,
+                      chunk_size=chunk_size, wait_for_clients_s=60)
+    return build_service(load_model("tiny"), cfg, state, r_max=8, depth=2,
+                         targets=("q_proj", "v_proj"), alpha=16.0, train=TRAIN)
+
+
+class Runner:
+    """Runs `target()` in a daemon thread and keeps its exception."""
+
+    def __init__(self, target: Callable[[], Any], name: str) -> None:
+        self.error: BaseException | None = None
+        self.result: Any = None
+
+        def _run() -> None:
+            try:
+                self.result = target()
+            except BaseException as e:  # re-raised by join()
+                self.error = e
+
+        self.thread = threading.Thread(target=_run, name=name, daemon=True)
+        self.thread.start()
+
+    def join(self, timeout: float) -> Any:
+        self.thread.join(timeout)
+        if self.thread.is_alive():
+            raise TimeoutError(f"{self.thread.name} still running after {timeout}s")
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+def start_aggregator(svc: AggregatorService, mqtt: MqttConfig, linger_s: float = 2.0,
+                     start_clients: int = 0) -> tuple[AggregatorNode, Runner]:
+    node = AggregatorNode(svc, mqtt, wait_for_clients_s=60, linger_s=linger_s,
+                          start_clients=start_clients)
+    return node, Runner(node.run, "aggregator")
+
+
+def make_agent(mqtt: MqttConfig, dev: str, data: Path, state: Path, cls: str = "pi4",
+               **kw: Any) -> DeviceAgent:
+    cfg = AgentConfig(device_id=dev, data=data, model="tiny", state_dir=state,
+                      device_class=cls, ack_timeout_s=kw.pop("ack_timeout_s", 3.0), **kw)
+    return DeviceAgent(cfg, mqtt)
+
+
+def make_certs(d: Path) -> tuple[Path, Path, Path]:
+    """A throw-away CA and a server certificate for 127.0.0.1 (openssl)."""
+    def ssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60, cwd=d)
+
+    ssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=edge-rt-ca",
+        "-keyout", "ca.key", "-out", "ca.crt")
+    ssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout",
+        "server.key", "-out", "server.csr")
+    (d / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1\n")
+    ssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+        "-CAcreateserial", "-days", "2", "-extfile", "ext.cnf", "-out", "server.crt")
+    return d / "ca.crt", d / "server.crt", d / "server.key"
