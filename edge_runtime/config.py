@@ -424,3 +424,70 @@ class FleetConfig:
 
 
 __all__ += ["MqttConfig", "FleetConfig"]
+
+
+# --- Profiler (edge_runtime/profiler) ------------------------------------------------------
+
+@dataclass
+class ProfileConfig:
+    """What `edge-rt profile` measures and the budgets its plan must fit.
+
+    Attributes:
+        quant: storage of the frozen base (none, int8, int4).
+        batch_size, seq_len: the training step's shape.
+        label_fraction: share of positions that carry a loss (1.0: every token, the
+            worst case for the LM head; prompt/response rows have less).
+        memory_budget_mb: peak RSS the training process may reach; None means
+            `budget_fraction` of the RAM available when profiling.
+        budget_fraction: the safe share of available RAM used when no budget is given.
+        round_deadline_s: wall-clock limit for `steps_per_round` steps (None: no limit).
+        steps_per_round: local optimizer steps in one federated round.
+        targets: LoRA targets inside a block.
+        rank_choices: ranks a block may get.
+        alpha: LoRA alpha of the plan.
+        quick: fewer shapes and repeats, no whole-step calibration (about a minute on a
+            laptop-class CPU for SmolLM2-135M).
+        time_basis: `wall` (seconds on the clock, what a deadline sees) or `cpu` (process
+            CPU seconds: steadier on a machine shared with other jobs).
+    """
+
+    quant: QuantMode = QuantMode.NONE
+    batch_size: int = 4
+    seq_len: int = 128
+    label_fraction: float = 1.0
+    memory_budget_mb: float | None = None
+    budget_fraction: float = 0.6
+    round_deadline_s: float | None = None
+    steps_per_round: int = 20
+    targets: tuple[str, ...] = ("q_proj", "v_proj")
+    rank_choices: tuple[int, ...] = (4, 8, 16, 32)
+    alpha: float = 16.0
+    quick: bool = False
+    time_basis: str = "wall"
+
+    def __post_init__(self) -> None:
+        self.quant = QuantMode.parse(self.quant)
+        self.targets = parse_targets(self.targets)
+        if self.time_basis not in ("wall", "cpu"):
+            raise ConfigError(f"time basis must be 'wall' or 'cpu', got {self.time_basis!r}")
+        if self.batch_size <= 0:
+            raise ConfigError(f"batch size must be positive, got {self.batch_size}")
+        if self.seq_len < 8:
+            raise ConfigError(f"seq-len must be at least 8, got {self.seq_len}")
+        if not 0.0 < self.label_fraction <= 1.0:
+            raise ConfigError(f"label fraction must be in (0, 1], got {self.label_fraction}")
+        if self.memory_budget_mb is not None and self.memory_budget_mb <= 0:
+            raise ConfigError(f"--memory-budget-mb must be positive, got {self.memory_budget_mb}")
+        if not 0.0 < self.budget_fraction <= 1.0:
+            raise ConfigError(f"budget fraction must be in (0, 1], got {self.budget_fraction}")
+        if self.round_deadline_s is not None and self.round_deadline_s <= 0:
+            raise ConfigError(f"--round-deadline-s must be positive, got {self.round_deadline_s}")
+        if self.steps_per_round <= 0:
+            raise ConfigError(f"--steps-per-round must be positive, got {self.steps_per_round}")
+        if not self.rank_choices or min(self.rank_choices) <= 0:
+            raise ConfigError(f"rank choices must be positive, got {self.rank_choices}; "
+                              "pass e.g. --ranks 4,8,16,32")
+        self.rank_choices = tuple(sorted({int(r) for r in self.rank_choices}))
+
+
+__all__ += ["ProfileConfig"]

@@ -20,6 +20,7 @@ COMMANDS: tuple[str, ...] = (
     "train",
     "generate",
     "eval",
+    "profile",
     "demo", "agent", "aggregator",
 )
 
