@@ -60,7 +60,8 @@ def quantize_for_xnnpack(model: nn.Module, quant: ExportQuant) -> nn.Module:
 
     if quant is ExportQuant.DA8W4:
         cfg = Int8DynamicActivationIntxWeightConfig(
-            weight_dtype=torch.int4, weight_granularity=PerGroup(INT4_GROUP))
+            weight_dtype=getattr(torch, "int4"),  # noqa: B009 (missing from torch's stubs)
+            weight_granularity=PerGroup(INT4_GROUP))
 
         def want(m: nn.Module, _fqn: str) -> bool:
             return isinstance(m, nn.Linear) and m.in_features % INT4_GROUP == 0

@@ -69,7 +69,7 @@ class OnnxStep(nn.Module):
         model.setup_cache(1, max_seq_len)  # RoPE tables for max_seq_len positions
         self.caches = nn.ModuleList(ConcatKVCache() for _ in model.model.layers)
         for layer, cache in zip(model.model.layers, self.caches, strict=True):
-            layer.self_attn.kv_cache = cache  # type: ignore[assignment]
+            layer.self_attn.kv_cache = cache  # type: ignore[union-attr,assignment]
         self.slot_names = list(slots)
         self.slots: list[InputLoRALinear] = []
         for name in self.slot_names:
@@ -79,7 +79,7 @@ class OnnxStep(nn.Module):
             self.slots.append(mod)
 
     def forward(self, input_ids: torch.Tensor, past: tuple[torch.Tensor, ...],
-                lora: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+                lora: tuple[torch.Tensor, ...] = ()) -> tuple[torch.Tensor, ...]:
         n_past = past[0].shape[2]
         input_pos = torch.arange(input_ids.shape[1]) + n_past  # (T,)
         for i, cache in enumerate(self.caches):
@@ -134,13 +134,16 @@ def export_onnx(model: CausalLM, cfg: ExportConfig, out_dir: Path, slots: SlotSh
     for j in range(len(slots)):
         r = Dim(f"rank_{j}", min=1, max=4096)
         lora_dims += [{0: r}, {1: r}, {}]
-    dyn = ({1: seq}, tuple({2: n_past} for _ in past), tuple(lora_dims))
+    args: tuple[Any, ...] = (ids, past, tuple(lora))
+    dyn: tuple[Any, ...] = ({1: seq}, tuple({2: n_past} for _ in past), tuple(lora_dims))
+    if not slots:  # the exporter cannot match an empty tuple input with its shapes
+        args, dyn = args[:2], dyn[:2]
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / ONNX_NAME
     t0 = time.perf_counter()
     with torch.no_grad():
         prog = torch.onnx.export(
-            step, (ids, past, tuple(lora)), dynamo=True, dynamic_shapes=dyn,
+            step, args, dynamo=True, dynamic_shapes=dyn,
             input_names=input_names(n_layers, list(slots)), output_names=output_names(n_layers),
             optimize=True, verbose=False,
         )

@@ -232,7 +232,7 @@ def generate_from_export(export_dir: str | Path, prompt: str, *,
         adapter = load_adapter_for_export(adapter, manifest)
     runner = open_runner(export_dir, adapter, backend)
     tok = Tokenizer.from_tokenizer_json(export_dir)
-    text = format_prompt(tok, prompt, raw=cfg.raw)
+    text = format_prompt(tok, prompt, raw=cfg.raw)  # type: ignore[arg-type]
     prompt_ids = tok.encode(text)
     if not prompt_ids:
         prompt_ids = [min(tok.eos_ids)] if tok.eos_ids else [0]

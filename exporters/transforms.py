@@ -63,6 +63,10 @@ class PaddedLoRALinear(nn.Module):
     without an adapter has all three at zero and returns `base(x)` exactly.
     """
 
+    lora_a: torch.Tensor
+    lora_b: torch.Tensor
+    lora_scale: torch.Tensor
+
     def __init__(self, base: nn.Module, d_in: int, d_out: int, max_rank: int) -> None:
         super().__init__()
         if max_rank <= 0:
@@ -139,7 +143,7 @@ def _dense(q: nn.Module) -> nn.Linear:
     lin = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None)
     with torch.no_grad():
         lin.weight.copy_(q.dequantize(torch.float32))
-        if q.bias is not None:
+        if isinstance(q.bias, torch.Tensor):
             lin.bias.copy_(q.bias)
     lin.requires_grad_(False)
     return lin
@@ -153,8 +157,11 @@ def dequantize_base(model: CausalLM) -> CausalLM:
 
 def strip_lora(model: CausalLM) -> CausalLM:
     """Pass: every `LoRALinear` -> its base module (read the adapter first if you need it)."""
-    replace_modules(model, lambda _n, m: isinstance(m, LoRALinear),
-                    lambda _n, m: m.base)  # type: ignore[union-attr,return-value]
+    def unwrap(_name: str, mod: nn.Module) -> nn.Module:
+        assert isinstance(mod, LoRALinear)
+        return mod.base
+
+    replace_modules(model, lambda _n, m: isinstance(m, LoRALinear), unwrap)
     model.frozen_prefix = 0
     return model
 
@@ -171,7 +178,9 @@ def _linear_shape(model: nn.Module, name: str) -> tuple[int, int]:
         return mod.d_in, mod.d_out
     if not hasattr(mod, "in_features"):
         raise AdapterMismatchError(f"adapter module {name!r} is not a linear layer")
-    return int(mod.in_features), int(mod.out_features)
+    d_in, d_out = mod.in_features, mod.out_features
+    assert isinstance(d_in, int) and isinstance(d_out, int)
+    return d_in, d_out
 
 
 def choose_slots(model: CausalLM, adapter: Adapter | None, targets: Iterable[str],

@@ -10,6 +10,7 @@ from edge_runtime.adapter import Adapter, LoRAWeights
 from edge_runtime.checkpoints import LoadedModel
 from edge_runtime.lora import set_adapter
 from edge_runtime.model import CausalLM
+from exporters.runners import Runner
 
 __all__ = ["random_adapter", "eager_with", "eager_logits", "runner_rows", "TOKENS"]
 
@@ -23,7 +24,8 @@ def random_adapter(model: CausalLM, ranks: dict[str, int], alpha: float = 16.0,
     out: Adapter = {}
     for name, r in ranks.items():
         lin = model.get_submodule(name)
-        d_in, d_out = int(lin.in_features), int(lin.out_features)
+        d_in, d_out = lin.in_features, lin.out_features
+        assert isinstance(d_in, int) and isinstance(d_out, int)
         a = torch.randn(r, d_in, generator=gen) / d_in**0.5
         b = torch.randn(d_out, r, generator=gen) * scale_b
         out[name] = LoRAWeights(a, b, alpha)
@@ -49,7 +51,7 @@ def eager_logits(model: CausalLM, ids: list[int]) -> torch.Tensor:
         model.clear_cache()
 
 
-def runner_rows(runner: object, ids: list[int], prefill: int) -> tuple[torch.Tensor, list[int]]:
+def runner_rows(runner: Runner, ids: list[int], prefill: int) -> tuple[torch.Tensor, list[int]]:
     """Logits from a runner: one prefill of `ids[:prefill]`, then one decode step per token.
 
     Returns (rows (n, V), the positions they belong to).

@@ -17,7 +17,7 @@ from edge_runtime.checkpoints import LoadedModel, load_model
 from edge_runtime.config import GenerateConfig
 from edge_runtime.errors import AdapterMismatchError, ConfigError
 from edge_runtime.generate import generate
-from exporters.config import ExportConfig
+from exporters.config import ExportConfig, ExportFormat, ExportQuant
 from exporters.executorch_export import read_ptd
 from exporters.export import export_model, read_manifest
 from exporters.runners import ExecuTorchRunner, generate_from_export, token_logits
@@ -41,7 +41,7 @@ def adapter0(base: LoadedModel) -> dict:
 def et_dir(tmp_path_factory: pytest.TempPathFactory, adapter0: dict) -> Path:
     out = tmp_path_factory.mktemp("et_fp32")
     loaded = load_model("tiny")
-    export_model(loaded, ExportConfig(format="executorch", max_seq_len=64, max_rank=8), out,
+    export_model(loaded, ExportConfig(format=ExportFormat.EXECUTORCH, max_seq_len=64, max_rank=8), out,
                  adapter=copy.deepcopy(adapter0))
     return out
 
@@ -96,11 +96,13 @@ def test_adapter_above_slot_rank_is_refused(et_dir: Path, base: LoadedModel) -> 
 def test_generate_matches_torch_backend(et_dir: Path, base: LoadedModel, adapter0: dict
                                         ) -> None:
     cfg = GenerateConfig(max_new_tokens=24, temperature=0.0)
-    want = generate(eager_with(base, adapter0), base.tokenizer, "hello there", cfg).text
+    want = generate(eager_with(base, adapter0), base.tokenizer,  # type: ignore[arg-type]
+                    "hello there", cfg).text
     got = generate_from_export(et_dir, "hello there", backend="executorch", cfg=cfg)
     assert got == want
     sampled = GenerateConfig(max_new_tokens=16, temperature=0.8, top_k=20, seed=3)
-    want_s = generate(eager_with(base, adapter0), base.tokenizer, "hi", sampled).text
+    want_s = generate(eager_with(base, adapter0), base.tokenizer,  # type: ignore[arg-type]
+                      "hi", sampled).text
     assert generate_from_export(et_dir, "hi", backend="executorch", cfg=sampled) == want_s
     with pytest.raises(ConfigError, match="--max-seq-len 64"):
         generate_from_export(et_dir, "x" * 60, cfg=GenerateConfig(max_new_tokens=10))
@@ -113,7 +115,7 @@ def test_8da8w_export_within_tolerance(tmp_path: Path, base: LoadedModel, adapte
                                        ) -> None:
     """int8 per-channel weights, int8 dynamic activations: logits and loss near fp32."""
     loaded = load_model("tiny")
-    export_model(loaded, ExportConfig(format="executorch", quant="8da8w", max_seq_len=64,
+    export_model(loaded, ExportConfig(format=ExportFormat.EXECUTORCH, quant=ExportQuant.DA8W8, max_seq_len=64,
                                       max_rank=4), tmp_path, adapter=copy.deepcopy(adapter0))
     runner = ExecuTorchRunner(tmp_path)
     ref = eager_logits(eager_with(base, adapter0), TOKENS)

@@ -135,10 +135,10 @@ def test_export_config_rejects_bad_combinations() -> None:
     from edge_runtime.errors import ConfigError
 
     with pytest.raises(ConfigError, match="not available for --format executorch"):
-        ExportConfig(format="executorch", quant="int4")
+        ExportConfig(format="executorch", quant="int4")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="not available for --format onnx"):
-        ExportConfig(format="onnx", quant="8da4w")
+        ExportConfig(format="onnx", quant="8da4w")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="unknown export format"):
-        ExportConfig(format="tflite")
+        ExportConfig(format="tflite")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="max-seq-len"):
         ExportConfig(max_seq_len=2)
