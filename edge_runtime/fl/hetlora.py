@@ -104,8 +104,8 @@ def tail_penalty(model_or_modules: nn.Module | Mapping[str, nn.Module], gamma: f
         k = tail_start(r, gamma)
         term = torch.linalg.vector_norm(b[:, k:]) * torch.linalg.vector_norm(a[k:, :])
         total = term if total is None else total + term
-    if total is None:
-        return torch.zeros(())
+    if total is None:  # nothing to penalise; still a valid target for .backward()
+        return torch.zeros((), requires_grad=True)
     return lam * total
 
 
