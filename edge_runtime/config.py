@@ -491,3 +491,74 @@ class ProfileConfig:
 
 
 __all__ += ["ProfileConfig"]
+
+
+@dataclass
+class SimulateConfig:
+    """In-process fleet simulation (`edge-rt simulate`): fleet, rates, local training.
+
+    Attributes:
+        strategy: fedavg | hetlora | flexlora | sa-fedlora | legend.
+        clients, rounds: fleet size and number of rounds.
+        fraction: share of clients selected per round.
+        dropout: probability a selected client never reports.
+        straggler: probability a selected client computes `straggler_slowdown` x slower.
+        device_classes: declared profile names (profiles/*.json); clients cycle through them.
+        r_min, r_max: rank range; classes get ranks from r_min (slowest) to r_max (fastest).
+        rank: the homogeneous rank of fedavg (default r_max).
+        depth: LoRA depth of non-LEGEND clients (0 = every block).
+        deadline_s: round deadline in simulated seconds; late updates are dropped. None:
+            wait for every client (LEGEND then plans against the time the fastest class
+            needs for full depth at r_max).
+        uplink_mbps, downlink_mbps: link rates for the simulated transfer times.
+        eval_max: at most this many held-out rows are scored each round.
+    """
+
+    strategy: str = "hetlora"
+    clients: int = 8
+    rounds: int = 5
+    fraction: float = 1.0
+    dropout: float = 0.0
+    straggler: float = 0.0
+    straggler_slowdown: float = 4.0
+    device_classes: tuple[str, ...] = ("rpi4-2gb", "rpi5-4gb", "android-mid-6gb",
+                                       "android-flagship-12gb")
+    local_steps: int = 10
+    lr: float = 1e-3
+    batch_size: int = 4
+    seq_len: int = 128
+    r_min: int = 4
+    r_max: int = 16
+    rank: int | None = None
+    targets: tuple[str, ...] = ("q_proj", "v_proj")
+    alpha: float = 16.0
+    depth: int = 0
+    deadline_s: float | None = None
+    uplink_mbps: float = 10.0
+    downlink_mbps: float = 50.0
+    eval_max: int = 64
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.clients <= 0 or self.rounds <= 0:
+            raise ConfigError("--clients and --rounds must be positive")
+        if not 0.0 < self.fraction <= 1.0:
+            raise ConfigError(f"--fraction must be in (0, 1], got {self.fraction}")
+        for key in ("dropout", "straggler"):
+            v = getattr(self, key)
+            if not 0.0 <= v < 1.0:
+                raise ConfigError(f"--{key} must be in [0, 1), got {v}")
+        if not 0 < self.r_min <= self.r_max:
+            raise ConfigError(f"need 0 < r_min <= r_max, got {self.r_min}, {self.r_max}")
+        if self.rank is not None and self.rank <= 0:
+            raise ConfigError(f"--rank must be positive, got {self.rank}")
+        if self.depth < 0:
+            raise ConfigError(f"--depth must be >= 0, got {self.depth}")
+        if self.deadline_s is not None and self.deadline_s <= 0:
+            raise ConfigError(f"--deadline must be positive, got {self.deadline_s}")
+        if not self.device_classes:
+            raise ConfigError("at least one device class is needed")
+        self.targets = parse_targets(self.targets)
+
+
+__all__ += ["SimulateConfig"]
