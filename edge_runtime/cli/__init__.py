@@ -19,6 +19,7 @@ COMMANDS: tuple[str, ...] = (
     "pull",
     "train",
     "generate",
+    "export",
     "eval",
     "profile",
     "demo", "agent", "aggregator",
