@@ -106,6 +106,8 @@ class AggregatorNode:
         ack = Ack(dev, manifest.round, manifest.transfer_id,
                   "accepted" if verdict.accepted else "rejected", verdict.reason, verdict.detail)
         self._verdicts[(dev, manifest.transfer_id)] = ack
+        while len(self._verdicts) > 100_000:  # bounded; oldest answers go first
+            del self._verdicts[next(iter(self._verdicts))]
         self.link.publish(self.topics.ack(dev), ack.to_bytes(), qos=1)
 
     # inbound ----------------------------------------------------------------------
@@ -142,7 +144,9 @@ class AggregatorNode:
         svc.count_up(len(msg.topic) + len(msg.payload))
         done = self._verdicts.get((dev, tid))
         if done is not None:
-            if pt.kind == "up_manifest":  # a re-send of a finished transfer: repeat the answer
+            # a re-send of a finished transfer (lost ack, restarted agent): repeat the answer,
+            # never process it twice
+            if pt.kind == "up_manifest":
                 self.link.publish(self.topics.ack(dev), done.to_bytes(), qos=1)
             return
         r = self.transfers.get(dev, tid)
@@ -214,7 +218,6 @@ class AggregatorNode:
                     self._publish_round(opened)
                     continue
                 merged += 1
-                self._verdicts.clear()
                 if self.on_round is not None:
                     self.on_round(rec)
         if svc.finished and not self._stop:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import os
 import shutil
 import socket
@@ -43,9 +44,13 @@ class Mosquitto:
         self.workdir = workdir
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
-        lines = [f"listener {self.port} 127.0.0.1", "persistence false",
+        # as root, mosquitto would drop to user "mosquitto", who cannot read our tmp files
+        lines = [f"user {getpass.getuser()}", f"listener {self.port} 127.0.0.1",
+                 "persistence false",
                  "log_dest stderr", "log_type error", "log_type warning",
-                 f"message_size_limit {message_size_limit}", "max_queued_messages 100000"]
+                 "max_queued_messages 100000"]
+        if message_size_limit:
+            lines.append(f"max_packet_size {message_size_limit}")
         if users is not None:
             pw = workdir / "passwd"
             pw.write_text("")
