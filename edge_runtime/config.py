@@ -508,8 +508,8 @@ class SimulateConfig:
         rank: the homogeneous rank of fedavg (default r_max).
         depth: LoRA depth of non-LEGEND clients (0 = every block).
         deadline_s: round deadline in simulated seconds; late updates are dropped. None:
-            wait for every client (LEGEND then plans against the time the fastest class
-            needs for full depth at r_max).
+            wait for every client (LEGEND then plans against the slowest client's time
+            at depth 1, rank r_min).
         uplink_mbps, downlink_mbps: link rates for the simulated transfer times.
         eval_max: at most this many held-out rows are scored each round.
     """

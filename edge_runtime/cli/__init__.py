@@ -23,6 +23,7 @@ COMMANDS: tuple[str, ...] = (
     "eval",
     "profile",
     "demo", "agent", "aggregator",
+    "data", "simulate",
 )
 
 

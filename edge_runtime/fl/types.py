@@ -141,6 +141,9 @@ class StrategyBase:
 
     name = "base"
 
+    def distribute(self, global_adapter: Adapter, plan: ClientPlan) -> Adapter:
+        raise NotImplementedError
+
     def regularizer(self, start: Adapter, plan: ClientPlan,
                     round_index: int) -> Regularizer | None:
         return None
