@@ -33,6 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ack-timeout-s", type=positive_float, default=10.0)
     p.add_argument("--uplink-kbps", type=float, default=0.0,
                    help="emulate a slow uplink (kilobytes/s; 0 = unlimited)")
+    p.add_argument("--connect-timeout-s", type=positive_float, default=None,
+                   help="give up if the broker stays unreachable this long (default: never)")
     p.add_argument("--keep-running", action="store_true",
                    help="stay in the fleet after the aggregator finishes")
     p.set_defaults(func=run)
@@ -59,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
         device_class=device_class, quant=args.quant, compression=args.compression,
         chunk_size=args.chunk_size, ack_timeout_s=args.ack_timeout_s,
         uplink_bytes_per_s=args.uplink_kbps * 1000.0,
-        out=Path(args.out) if args.out else None, exit_when_done=not args.keep_running)
+        out=Path(args.out) if args.out else None, exit_when_done=not args.keep_running,
+        connect_timeout_s=args.connect_timeout_s)
     agent = DeviceAgent(cfg, mqtt_from_args(args))
     n = agent.run()
     log.info("%s: done, trained %d rounds", args.device_id, n)

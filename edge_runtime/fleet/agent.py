@@ -67,6 +67,7 @@ class AgentConfig:
         uplink_bytes_per_s: emulate a slow uplink (0 = unlimited).
         out: where to save the final adapter (optional).
         exit_when_done: stop once the final adapter is applied.
+        connect_timeout_s: give up on an unreachable broker after this long (None: never).
     """
 
     device_id: str
@@ -82,6 +83,7 @@ class AgentConfig:
     uplink_bytes_per_s: float = 0.0
     out: Path | None = None
     exit_when_done: bool = True
+    connect_timeout_s: float | None = None  # None: wait for the broker forever
 
     def __post_init__(self) -> None:
         check_id(self.device_id, "--device-id")
@@ -256,7 +258,7 @@ class DeviceAgent:
 
     def run(self, timeout_s: float | None = None) -> int:
         """Serve rounds until the aggregator finishes (or `timeout_s`); returns rounds trained."""
-        self.link.connect()
+        self.link.connect(self.cfg.connect_timeout_s)
         end = None if timeout_s is None else time.monotonic() + timeout_s
         while not self._stop and (end is None or time.monotonic() < end):
             if self.link.connects != self._seen_connects:

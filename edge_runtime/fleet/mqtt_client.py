@@ -92,13 +92,17 @@ class MqttLink:
         c.on_message = self._on_message
         return c
 
-    def connect(self, timeout: float = 30.0) -> None:
+    def connect(self, timeout: float | None = 30.0) -> None:
         """Connect (MQTT 5, else 3.1.1) and start paho's network thread.
+
+        With `timeout` None, keep trying an unreachable broker forever (a device that boots
+        before the network or the broker); a refusal (credentials) still raises at once.
 
         Raises BrokerUnavailable if no broker answers within `timeout` or it refuses us.
         """
         host, port = self.cfg.host_port()
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + (timeout if timeout is not None else float("inf"))
+        next_note = time.monotonic() + 30.0
         for protocol in (mqtt.MQTTv5, mqtt.MQTTv311):
             self.protocol = protocol
             self._refused = None
@@ -120,9 +124,13 @@ class MqttLink:
                     if time.monotonic() > deadline:
                         raise BrokerUnavailable(f"cannot reach the MQTT broker at {host}:{port} "
                                                 f"({e}); start it or fix --broker") from None
-                    time.sleep(0.2)
+                    if time.monotonic() > next_note:
+                        log.warning("%s: broker %s:%d unreachable (%s); still trying",
+                                    self.client_id, host, port, e)
+                        next_note = time.monotonic() + 30.0
+                    time.sleep(min(self.cfg.reconnect_max_s, 1.0))
             client.loop_start()
-            if not self._answered.wait(max(0.1, deadline - time.monotonic())):
+            if not self._answered.wait(max(0.1, min(60.0, deadline - time.monotonic()))):
                 client.loop_stop()
                 raise BrokerUnavailable(f"MQTT broker at {host}:{port} did not answer CONNECT")
             if self._refused is None:

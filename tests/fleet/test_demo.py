@@ -1,0 +1,61 @@
+"""`edge-rt demo` end to end (embedded broker, agent processes) and fleet CLI bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+
+def _cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "edge_runtime", *args], capture_output=True,
+                          text=True, timeout=timeout, env=ENV, cwd=REPO)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_demo_runs_and_writes_metrics_and_adapter(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    r = _cli("demo", "--out", str(out), "--clients", "2", "--rounds", "2", timeout=280)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "[demo] round 2/2" in r.stderr
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["strategy"] == "hetlora" and isinstance(m["config"], dict)
+    assert [x["round"] for x in m["rounds"]] == [0, 1]
+    for x in m["rounds"]:
+        assert set(x) == {"round", "eval_loss", "bytes_up", "bytes_down", "sim_time_s",
+                          "participants"}
+        assert x["participants"] == 2
+        # two updates of a few kB each went up, two downloads came down, as MQTT packets
+        assert x["bytes_up"] > 2 * 4000 and x["bytes_down"] > 2 * 4000
+    assert m["rounds"][-1]["eval_loss"] < m["config"]["base_eval_loss"]
+    from edge_runtime.adapter_io import load_adapter
+    from edge_runtime.checkpoints import load_model
+
+    adapter, _ = load_adapter(out / "adapter", expect_fingerprint=load_model("tiny").fingerprint)
+    assert adapter and all(w.lora_b.abs().sum() > 0 for w in adapter.values())
+
+
+def test_fleet_cli_bad_input_is_one_line_exit_2(tmp_path: Path) -> None:
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "a", "response": "b"}\n')
+    cases = [
+        ("agent", "--broker", "http://x:1", "--device-id", "a", "--data", str(data)),
+        ("agent", "--broker", "mqtt://127.0.0.1:1", "--device-id", "a b", "--data", str(data)),
+        ("agent", "--broker", "mqtt://127.0.0.1:1", "--device-id", "a", "--data",
+         str(tmp_path / "missing.jsonl")),
+        ("aggregator", "--broker", "mqtt://127.0.0.1:1", "--state", str(tmp_path / "s"),
+         "--depth", "9"),
+    ]
+    for args in cases:
+        r = _cli(*args)
+        assert r.returncode == 2, (args, r.stderr)
+        lines = [ln for ln in r.stderr.splitlines() if "error" in ln]
+        assert len(lines) == 1, r.stderr
