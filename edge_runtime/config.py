@@ -228,7 +228,9 @@ class FlexLoRAConfig:
 
     Attributes:
         mode: `auto` (factored while the stacked rank R < min(d_out, d_in), else
-            streaming), `factored`, `streaming` or `full` (dense sum + full SVD reference).
+            streaming), `factored`, `streaming` (dense sum + running Gram), `randomized`
+            (dense sum + randomized subspace iteration) or `full` (dense sum + full SVD,
+            the reference).
         oversample: extra columns of the randomized range finder.
         power_tol: stop power iterations when the top singular values move less than this
             (relative).
@@ -243,9 +245,9 @@ class FlexLoRAConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.mode not in ("auto", "factored", "streaming", "full"):
+        if self.mode not in ("auto", "factored", "streaming", "randomized", "full"):
             raise ConfigError(f"flexlora mode {self.mode!r} unknown; choose auto, factored, "
-                              "streaming or full")
+                              "streaming, randomized or full")
         if self.oversample < 0 or self.max_power_iters < 0 or self.power_tol <= 0:
             raise ConfigError("flexlora oversample/max_power_iters must be >= 0, power_tol > 0")
 

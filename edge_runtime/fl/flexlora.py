@@ -11,13 +11,16 @@ round's result is computed by one of:
 - `factored` (exact): while the stacked rank R = sum r_k < min(d_out, d_in), keep the
   stacked factors and take the SVD from a QR of each stack and an R x R core
   (`edge_runtime.fl.svd.factored_svd`); no d_out x d_in matrix is formed.
-- `streaming`: fold every update into a dense running sum as it arrives and, at round
-  close, take only the top r_max triplets by randomized subspace iteration until the
-  singular values settle; its residual is reported (`FlexLoRAAccumulator.report`).
+- `streaming`: fold every update into a dense running sum *and its Gram matrix* (of the
+  smaller side, float64) as it arrives, O(d_out d_in r_k) each; at round close take the
+  top r_max eigenpairs of the Gram and one Rayleigh-Ritz step (`fl.svd.gram_svd`): a
+  partial eigensolve of a min(d_out, d_in)-square matrix instead of a full SVD. Its
+  residual ||dW - dW_r||_F / ||dW||_F is reported (`FlexLoRAAccumulator.report`).
+- `randomized`: dense sum, then randomized subspace iteration until the top singular
+  values settle (slower than `streaming` on the flat spectra of many random updates).
 - `full`: dense sum + full SVD, the reference.
 `auto` starts factored and switches a module to streaming when its R reaches
-min(d_out, d_in); at close, a streaming module whose smaller side is below three times
-the randomized block (r_max + oversample) takes a dense SVD (exact and cheaper there).
+min(d_out, d_in).
 
 The global adapter is kept at rank r_max per module in SVD form (A rows orthonormal,
 B = U S / s), so distributing to rank r <= r_max by the factored SVD of the global is
@@ -38,6 +41,7 @@ from edge_runtime.fl.svd import (
     SVDResult,
     dense_svd,
     factored_svd,
+    gram_svd,
     orthonormal_completion,
     randomized_svd,
 )
@@ -101,6 +105,7 @@ class _ModuleState:
     b_parts: list[torch.Tensor] = field(default_factory=list)  # n_k s_k B_k (d_out, r_k)
     a_parts: list[torch.Tensor] = field(default_factory=list)  # A_k (r_k, d_in)
     dense: torch.Tensor | None = None  # sum n_k s_k B_k A_k (d_out, d_in)
+    gram: torch.Tensor | None = None  # float64 Gram of the smaller side of `dense`
 
 
 class FlexLoRAAccumulator:
@@ -123,11 +128,33 @@ class FlexLoRAAccumulator:
     def count(self) -> int:
         return self._count
 
+    def _uses_gram(self) -> bool:
+        return self.cfg.mode in ("auto", "streaming")
+
     def _to_dense(self, st: _ModuleState, d_out: int, d_in: int) -> None:
         st.dense = torch.zeros(d_out, d_in, dtype=self.dtype)
         for b, a in zip(st.b_parts, st.a_parts, strict=True):
-            st.dense.addmm_(b.to(self.dtype), a.to(self.dtype))
+            st.dense.addmm_(b, a)
         st.b_parts, st.a_parts = [], []
+        if self._uses_gram():
+            d64 = st.dense.double()
+            st.gram = d64.t() @ d64 if d_in <= d_out else d64 @ d64.t()
+
+    @staticmethod
+    def _fold(st: _ModuleState, b: torch.Tensor, a: torch.Tensor) -> None:
+        """dense += b a, and its Gram with it: (D + BA)^T (D + BA) expanded, O(m n r)."""
+        assert st.dense is not None
+        if st.gram is not None:
+            b64, a64 = b.double(), a.double()
+            if st.gram.shape[0] == st.dense.shape[1]:  # G = D^T D (d_in, d_in)
+                x = (st.dense.t() @ b).double()  # (d_in, r), with D before the update
+                xa = x @ a64  # (d_in, d_in)
+                st.gram += xa + xa.t() + a64.t() @ ((b64.t() @ b64) @ a64)
+            else:  # G = D D^T (d_out, d_out)
+                y = (st.dense @ a.t()).double()  # (d_out, r)
+                yb = y @ b64.t()  # (d_out, d_out)
+                st.gram += yb + yb.t() + b64 @ ((a64 @ a64.t()) @ b64.t())
+        st.dense.addmm_(b, a)
 
     def add(self, update: ClientUpdate) -> None:
         check_update(update, self.global_adapter, allow_subset=update.plan is None)
@@ -141,12 +168,12 @@ class FlexLoRAAccumulator:
             st.weight += n
             st.clients += 1
             st.stacked_rank += w.rank
-            dense_now = mode in ("streaming", "full") or (
+            dense_now = mode in ("streaming", "randomized", "full") or (
                 mode == "auto" and st.stacked_rank >= min(g.d_out, g.d_in))
             if dense_now and st.dense is None:
                 self._to_dense(st, g.d_out, g.d_in)
             if st.dense is not None:
-                st.dense.addmm_(b, a)
+                self._fold(st, b, a)
             else:
                 st.b_parts.append(b)
                 st.a_parts.append(a)
@@ -157,10 +184,9 @@ class FlexLoRAAccumulator:
             return factored_svd(torch.cat(st.b_parts, 1) / st.weight,
                                 torch.cat(st.a_parts, 0), rank, dtype=self.dtype)
         d = st.dense / st.weight
-        l_cols = rank + self.cfg.oversample
-        if self.cfg.mode == "full" or (self.cfg.mode == "auto" and 3 * l_cols >= min(d.shape)):
-            # small modules (e.g. 128-row k/v projections): a dense SVD is exact and cheaper
-            # than subspace iteration with a block of nearly the full width
+        if st.gram is not None:
+            return gram_svd(d, st.gram / st.weight**2, rank, right=st.gram.shape[0] == d.shape[1])
+        if self.cfg.mode == "full":
             return dense_svd(d, rank)
         return randomized_svd(d, rank, oversample=self.cfg.oversample, tol=self.cfg.power_tol,
                               max_iters=self.cfg.max_power_iters, seed=self.cfg.seed)

@@ -1,6 +1,6 @@
-"""Truncated SVDs of a sum of low-rank products, exact from factors or randomized.
+"""Truncated SVDs of a sum of low-rank products: exact from factors, from a Gram, randomized.
 
-Two routes to the top-r singular triplets of dW = sum_k c_k B_k A_k (FlexLoRA's
+Three routes to the top-r singular triplets of dW = sum_k c_k B_k A_k (FlexLoRA's
 aggregate, Bai et al. arXiv 2402.11505, eq. 4-5), neither forming a full SVD:
 
 - `factored_svd`: with the stacked factors B_s = [c_1 B_1, ...] (d_out, R) and
@@ -8,6 +8,8 @@ aggregate, Bai et al. arXiv 2402.11505, eq. 4-5), neither forming a full SVD:
   dW = Q_b (R_b R_a^T) Q_a^T and the SVD of the small core gives dW's exactly
   (Golub & Van Loan, Matrix Computations, 4th ed., sec. 8.6 / 5.4). Cost
   O((d_out + d_in) R^2 + R^3) instead of O(d_out d_in min(d_out, d_in)).
+- `gram_svd`: from the Gram matrix of the smaller side, kept up to date while updates
+  arrive, so the round close is a partial eigensolve plus one Rayleigh-Ritz step.
 - `randomized_svd`: the range finder with subspace (power) iteration of Halko,
   Martinsson & Tropp, SIAM Review 53(2) 2011, Algorithms 4.4 + 5.1, iterated until the
   top-k singular values stop moving (relative change < tol) rather than for a fixed
@@ -20,7 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["SVDResult", "factored_svd", "randomized_svd", "dense_svd", "orthonormal_completion"]
+__all__ = ["SVDResult", "factored_svd", "randomized_svd", "dense_svd", "orthonormal_completion",
+           "top_eigh", "gram_svd"]
 
 
 @dataclass
@@ -120,3 +123,50 @@ def orthonormal_completion(vh: torch.Tensor, k: int, seed: int = 0) -> torch.Ten
         qt = q.t() - (q.t() @ vh.t()) @ vh
         q, _ = torch.linalg.qr(qt.t())
     return torch.cat([vh, q.t()], dim=0)
+
+
+def top_eigh(g: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k eigenpairs (descending) of a symmetric PSD g (n, n): values (k,), vectors (n, k).
+
+    Uses LAPACK's MRRR driver for only the wanted pairs through scipy when it is
+    installed (about 3x less work than a full eigendecomposition), else torch's full
+    `eigh`. Computed in float32; callers refine with a Rayleigh-Ritz step.
+    """
+    n = g.shape[0]
+    k = min(k, n)
+    try:
+        import scipy.linalg as sl
+    except ImportError:
+        vals, vecs = torch.linalg.eigh(g.float())
+        return vals.flip(0)[:k], vecs.flip(1)[:, :k]
+    vals_np, vecs_np = sl.eigh(g.float().numpy(), subset_by_index=[n - k, n - 1], driver="evr")
+    vals = torch.from_numpy(vals_np.copy()).flip(0)
+    vecs = torch.from_numpy(vecs_np.copy()).flip(1)
+    return vals, vecs
+
+
+def gram_svd(d: torch.Tensor, gram: torch.Tensor, k: int, *, right: bool) -> SVDResult:
+    """Top-k SVD of d (m, n) from its Gram matrix, then one Rayleigh-Ritz refinement.
+
+    `gram` is d^T d (n, n) when `right`, else d d^T (m, m), kept up to date as updates
+    arrive (`FlexLoRAAccumulator`), so closing a round costs one partial eigensolve of the
+    smaller side plus a (m, n) x (n, k) product instead of a full SVD. The refinement
+    takes the SVD of d V_k (m, k): singular values are then those of d restricted to the
+    subspace (accurate to d's own precision) and U is exactly orthonormal. The Gram
+    route squares the condition number, which only affects components far below the top
+    k (Golub & Van Loan, 4th ed., sec. 8.6.3).
+    """
+    _, vecs = top_eigh(gram, k)  # (side, k)
+    vecs = vecs.to(d.dtype)
+    if right:
+        w = d @ vecs  # (m, k)
+        u, s, qt = torch.linalg.svd(w, full_matrices=False)
+        vh = (vecs @ qt.t()).t()  # (k, n)
+    else:
+        w = vecs.t() @ d  # (k, n)
+        q, s, vh = torch.linalg.svd(w, full_matrices=False)
+        u = vecs @ q  # (m, k)
+    total = float(torch.trace(gram.double()))
+    kept = float((s.double() ** 2).sum())
+    resid = (max(total - kept, 0.0) ** 0.5) / (total**0.5) if total > 0 else 0.0
+    return SVDResult(u, s, vh, "gram", residual_rel=resid)

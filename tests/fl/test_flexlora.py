@@ -63,24 +63,35 @@ def test_streaming_many_clients_top_singular_values():
     shapes = {"m.layers.0.x": (60, 90)}
     g = rand_adapter(gen, {"m.layers.0.x": 6}, shapes=shapes)
     ups = [make_update(gen, f"d{i}", {"m.layers.0.x": 4}, 1, shapes=shapes) for i in range(20)]
-    acc = FlexLoRAAccumulator(g, FlexLoRAConfig(mode="auto", oversample=4))
-    for u in ups:
-        acc.add(u)
-    out = acc.result()
-    rep = acc.report["m.layers.0.x"]
-    assert rep.path == "randomized" and rep.stacked_rank == 80
     d = _weighted_dense(ups, "m.layers.0.x").numpy()
     s_np = np.linalg.svd(d, compute_uv=False)
-    s_got = np.linalg.svd(out["m.layers.0.x"].delta().numpy(), compute_uv=False)[:6]
-    np.testing.assert_allclose(s_got, s_np[:6], rtol=1e-4)
     opt = np.sqrt((s_np[6:] ** 2).sum() / (s_np ** 2).sum())
-    assert rep.residual_rel == pytest.approx(opt, rel=1e-3)
-    # with a block nearly as wide as the matrix, auto takes the exact dense SVD instead
-    acc = FlexLoRAAccumulator(g, FlexLoRAConfig(mode="auto", oversample=16))
+    for mode, path in (("auto", "gram"), ("randomized", "randomized")):
+        acc = FlexLoRAAccumulator(g, FlexLoRAConfig(mode=mode, oversample=4))
+        for u in ups:
+            acc.add(u)
+        out = acc.result()
+        rep = acc.report["m.layers.0.x"]
+        assert rep.path == path and rep.stacked_rank == 80
+        s_got = np.linalg.svd(out["m.layers.0.x"].delta().numpy(), compute_uv=False)[:6]
+        np.testing.assert_allclose(s_got, s_np[:6], rtol=1e-4)
+        assert rep.residual_rel == pytest.approx(opt, rel=1e-3)
+
+
+@pytest.mark.parametrize("shape", [(40, 25), (25, 40)])
+def test_streaming_gram_is_exactly_maintained(shape):
+    gen = torch.Generator().manual_seed(5)
+    shapes = {"m.layers.0.x": shape}
+    g = rand_adapter(gen, {"m.layers.0.x": 4}, shapes=shapes)
+    ups = [make_update(gen, f"d{i}", {"m.layers.0.x": 3}, i + 1, shapes=shapes)
+           for i in range(12)]
+    acc = FlexLoRAAccumulator(g, FlexLoRAConfig(mode="streaming"), dtype=torch.float64)
     for u in ups:
         acc.add(u)
-    acc.result()
-    assert acc.report["m.layers.0.x"].path == "full"
+    st = acc._state["m.layers.0.x"]
+    d = st.dense
+    ref = d.t() @ d if shape[1] <= shape[0] else d @ d.t()
+    torch.testing.assert_close(st.gram, ref, rtol=1e-10, atol=1e-8)
 
 
 def test_randomized_svd_converges_on_a_flat_spectrum():
