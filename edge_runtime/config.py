@@ -447,8 +447,8 @@ class ProfileConfig:
         targets: LoRA targets inside a block.
         rank_choices: ranks a block may get.
         alpha: LoRA alpha of the plan.
-        quick: fewer shapes and repeats, no whole-step calibration (about a minute on a
-            laptop-class CPU for SmolLM2-135M).
+        quick: fewer repeats; one small whole step calibrates memory only (about a minute
+            on a laptop-class CPU for SmolLM2-135M).
         time_basis: `wall` (seconds on the clock, what a deadline sees) or `cpu` (process
             CPU seconds: steadier on a machine shared with other jobs).
     """

@@ -79,11 +79,12 @@ def format_table(d: dict[str, Any]) -> str:
     if e2e:
         tk = "cpu_s" if cm.get("time_basis") == "cpu" else "time_s"
         lines.append("")
-        lines.append(f"{'whole step':<22} {'measured':>10} {'composed':>10} {'calibrated':>10} "
+        lines.append(f"{'whole step':<30} {'measured':>10} {'composed':>10} {'calibrated':>10} "
                      f"{'err':>7} {'peak MB':>8} {'pred MB':>8}")
         for m in e2e:
             p = m["plan"]
-            lines.append(f"depth {p['depth']:<3} rank {p['rank']:<8} {_fmt_s(m[tk]):>10} "
+            lines.append(f"depth {p['depth']:<3} rank {p['rank']:<3} B{m['batch']:<2} "
+                         f"T{m['seq_len']:<4} {_fmt_s(m[tk]):>10} "
                          f"{_fmt_s(m['composed_time_s']):>10} "
                          f"{_fmt_s(m['calibrated_time_s']):>10} {m['time_rel_error']:>7.1%} "
                          f"{m['peak_rss_mb']:>8.0f} {m['calibrated_peak_rss_mb']:>8.0f}")

@@ -5,14 +5,18 @@ resident memory stays under `budget_mb` and `steps_per_round` steps fit in `dead
 The depth/rank-distribution shape is LEGEND's (Liu et al., arXiv 2412.20004, sec. 4: LoRA
 on the top L blocks, ranks non-decreasing toward the output); the search is ours.
 
-For every depth d the chooser walks one fixed path of rank profiles, from all-minimum to
-all-maximum, and keeps the last profile that fits. A step of the path raises the highest
-block that can be raised while (a) ranks stay non-decreasing toward the output and (b) no
-block sits more than one rank choice above the block below it, so profiles ramp smoothly,
-e.g. with choices 4, 8, 16, 32 at d=3: [4,4,4] -> [4,4,8] -> [4,8,8] -> [4,8,16] ->
-[8,8,16] -> ... -> [32,32,32]. Costs grow along the path, so a larger budget never ends
-a path earlier: the chosen capacity is monotone in the budget. Ties in capacity go to the
-faster plan, then the shallower one, so the choice is deterministic.
+Candidates, for every depth d: the uniform profiles (every block at one rank choice) and
+the profiles on one fixed path from all-minimum to all-maximum. A step of the path
+raises the highest block that can be raised while (a) ranks stay non-decreasing toward
+the output and (b) no block sits more than one rank choice above the block below it, so
+profiles ramp smoothly, e.g. with choices 4, 8, 16, 32 at d=3: [4,4,4] -> [4,4,8] ->
+[4,8,8] -> [4,8,16] -> [8,8,16] -> ... -> [32,32,32]. Every candidate is priced and the
+best one that fits wins. Because the candidate set does not depend on the budgets, a
+larger budget can only add feasible candidates: the chosen capacity is monotone in the
+memory budget and in the deadline. Ties in capacity go to the faster plan, then the
+shallower one, then the lower profile, so the choice is deterministic. The candidate set
+is a heuristic family (about d * n_choices plans per depth), not every non-decreasing
+profile, so the optimum over all profiles can be slightly higher.
 """
 
 from __future__ import annotations
@@ -106,25 +110,24 @@ def search_plan(cost: PlanCost, budget_mb: float, deadline_s: float | None,
         return est.peak_rss_mb <= budget_mb and est.step_time_s * steps_per_round <= limit
 
     best: Choice | None = None
+    best_key: tuple = ()
     smallest: CostEstimate | None = None
     candidates = 0
     for depth in range(1, top_depth + 1):
-        last: tuple[LoRAPlan, CostEstimate] | None = None
-        for idx in rank_path(depth, len(choices)):
+        profiles = rank_path(depth, len(choices))
+        profiles += [[i] * depth for i in range(len(choices)) if [i] * depth not in profiles]
+        for idx in profiles:
             plan = _plan(n_layers, [choices[i] for i in idx], tg, alpha, seed)
             est = cost.predict(plan)
             candidates += 1
-            if depth == 1 and last is None and smallest is None:
+            if depth == 1 and idx == [0]:
                 smallest = est
             if not fits(est):
-                break
-            last = (plan, est)
-        if last is None:
-            continue
-        plan, est = last
-        key = (est.trainable_params, -est.step_time_s, -depth)
-        if best is None or key > (best.trainable_params, -best.step_time_s, -best.plan.depth):
-            best = Choice(plan, est.step_time_s, est.peak_rss_mb, est.trainable_params, 0)
+                continue
+            key = (est.trainable_params, -est.step_time_s, -depth, [-i for i in idx])
+            if best is None or key > best_key:
+                best = Choice(plan, est.step_time_s, est.peak_rss_mb, est.trainable_params, 0)
+                best_key = key
     if best is None:
         assert smallest is not None
         need_t = smallest.step_time_s * steps_per_round

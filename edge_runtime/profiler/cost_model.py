@@ -15,7 +15,9 @@ and, in peak resident memory,
            + max(m_head(N_lab), m_block(B, T))           the largest transient
            + m_slack                                     allocator slack seen end to end
 
-with N = B*T tokens, N_lab the labelled tokens, P = sum r * (d_in + d_out). Each t_* and
+with N = B*T tokens, N_lab the labelled tokens, m_act the resident memory a trained
+block keeps for its backward (measured on a stack of trained blocks, so allocator
+overhead is in it), P = sum r * (d_in + d_out). Each t_* and
 m_* is a `LinearFit` over the features below, fitted on microbenchmarks of the real
 block, head and optimizer (`measure.py`); `time_scale` and `m_slack` come from whole
 training steps measured end to end. Blocks below the lowest LoRA block build no autograd

@@ -111,7 +111,8 @@ def run_profile(model: CausalLM, cfg: ProfileConfig, *, base_rss_mb: float,
     for b, t, r in train_grid:
         train.append(measure_block_train(model, cfg.targets, r, b, t, warmup, repeats))
         progress(f"block fwd+bwd   B={b:<3} T={t:<5} r={r:<3} {train[-1][tk] * 1e3:9.2f} ms"
-                 f"  saved {train[-1]['saved_mb']:.2f} MB")
+                 f"  kept {train[-1]['retained_mb']:.2f} MB/block "
+                 f"(exact saved tensors {train[-1]['saved_mb']:.2f} MB)")
     head = []
     for frac in (1.0, 0.5, 0.25):
         n_lab = max(1, int(wl.label_tokens * frac))
@@ -137,7 +138,7 @@ def run_profile(model: CausalLM, cfg: ProfileConfig, *, base_rss_mb: float,
                             [m[tk] for m in opt], "s"),
         "block_act_mb": _fit(("tokens", "attn", "rank_tokens"),
                              [block_features(m["batch"], m["seq_len"], m["rank_width"])
-                              for m in train], [m["saved_mb"] for m in train], "MB",
+                              for m in train], [m["retained_mb"] for m in train], "MB",
                              _MEM_FLOOR_MB),
         "block_transient_mb": _fit(bf, [block_features(m["batch"], m["seq_len"]) for m in fwd],
                                    [m["transient_mb"] for m in fwd], "MB", _MEM_FLOOR_MB),
@@ -148,30 +149,36 @@ def run_profile(model: CausalLM, cfg: ProfileConfig, *, base_rss_mb: float,
                      gemm_gflops=gflops, time_basis=cfg.time_basis)
 
     # Whole training steps: how far the composition is from the real thing, and calibration.
+    # Full mode: three plans at the target shape calibrate time and memory. Quick mode: one
+    # cheap step (depth 2, batch 1, a quarter of the sequence) measures only the memory the
+    # parts miss (optimizer, autograd engine, allocator), which hardly depends on shape.
     end_to_end: list[dict[str, Any]] = []
+    mid = cfg.rank_choices[len(cfg.rank_choices) // 2]
+    if cfg.quick:
+        runs = [(min(2, n), r_lo, Workload(1, max(8, wl.seq_len // 4), wl.label_fraction), 1)]
+    else:
+        runs = [(min(2, n), r_lo, wl, 2), (max(1, n // 2), mid, wl, 2), (n, r_hi, wl, 2)]
+    for depth, r, w, reps in runs:
+        plan = LoRAPlan(rank=r, depth=depth, targets=cfg.targets, alpha=cfg.alpha)
+        m = measure_step(model, plan, w.batch_size, w.seq_len, w.label_fraction, 1, reps)
+        pred = cost.predict(plan, w)
+        m["composed_time_s"] = pred.step_time_s
+        m["composed_peak_rss_mb"] = pred.peak_rss_mb
+        end_to_end.append(m)
+        progress(f"whole step      depth={depth:<3} r={r:<3} B={w.batch_size} T={w.seq_len} "
+                 f"{m[tk]:8.3f} s (composed {pred.step_time_s:.3f} s)  peak "
+                 f"{m['peak_rss_mb']:.0f} MB (composed {pred.peak_rss_mb:.0f} MB)")
+    cost.mem_slack_mb = max(0.0, max(m["peak_rss_mb"] - m["composed_peak_rss_mb"]
+                                     for m in end_to_end))
     if not cfg.quick:
-        mid = cfg.rank_choices[len(cfg.rank_choices) // 2]
-        for depth, r in ((min(2, n), r_lo), (max(1, n // 2), mid), (n, r_hi)):
-            plan = LoRAPlan(rank=r, depth=depth, targets=cfg.targets, alpha=cfg.alpha)
-            m = measure_step(model, plan, wl.batch_size, wl.seq_len, wl.label_fraction, 1, 2)
-            pred = cost.predict(plan, wl)
-            m["composed_time_s"] = pred.step_time_s
-            m["composed_peak_rss_mb"] = pred.peak_rss_mb
-            end_to_end.append(m)
-            progress(f"whole step      depth={depth:<3} r={r:<3} {m[tk]:8.3f} s "
-                     f"(composed {pred.step_time_s:.3f} s)  peak {m['peak_rss_mb']:.0f} MB "
-                     f"(composed {pred.peak_rss_mb:.0f} MB)")
-        ratios = [m[tk] / m["composed_time_s"] for m in end_to_end]
-        cost.time_scale = statistics.median(ratios)
-        cost.mem_slack_mb = max(0.0, max(m["peak_rss_mb"] - m["composed_peak_rss_mb"]
-                                         for m in end_to_end))
-        for m in end_to_end:
-            plan = LoRAPlan.from_json(m["plan"])
-            pred = cost.predict(plan, wl)
-            m["calibrated_time_s"] = pred.step_time_s
-            m["calibrated_peak_rss_mb"] = pred.peak_rss_mb
-            m["time_rel_error"] = pred.step_time_s / m[tk] - 1.0
-            m["uncalibrated_time_rel_error"] = m["composed_time_s"] / m[tk] - 1.0
+        cost.time_scale = statistics.median(m[tk] / m["composed_time_s"] for m in end_to_end)
+    for m in end_to_end:
+        plan = LoRAPlan.from_json(m["plan"])
+        pred = cost.predict(plan, Workload(m["batch"], m["seq_len"], m["label_fraction"]))
+        m["calibrated_time_s"] = pred.step_time_s
+        m["calibrated_peak_rss_mb"] = pred.peak_rss_mb
+        m["time_rel_error"] = pred.step_time_s / m[tk] - 1.0
+        m["uncalibrated_time_rel_error"] = m["composed_time_s"] / m[tk] - 1.0
 
     budget_mb, budget_src = default_budget_mb(cfg, float(info["available_ram_mb"]))
     figures = {
