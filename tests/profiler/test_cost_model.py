@@ -14,6 +14,7 @@ from edge_runtime.profiler.cost_model import (
 )
 from tests.profiler.helpers import SHAPE, model
 
+
 def test_lora_params_counts_every_module() -> None:
     plan = LoRAPlan(rank=4, depth=2, targets=("q_proj", "v_proj", "down_proj"),
                     layer_ranks={4: 2})
