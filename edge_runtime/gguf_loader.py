@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +23,14 @@ import numpy as np
 import torch
 
 from edge_runtime.errors import CheckpointError
+from edge_runtime.gguf_file import GGUFFile, GGUFTensor, read_gguf
 from edge_runtime.gguf_rope import llama3_scaling_from_freq_factors
 from edge_runtime.gguf_tokenizer import gguf_field, tokenizer_from_gguf
 from edge_runtime.model import CausalLM, ModelConfig
 from edge_runtime.state_io import load_weights
 from edge_runtime.tokenizer import Tokenizer
 
-__all__ = ["load_gguf", "open_gguf", "gguf_config", "gguf_tensors", "unpermute_qk",
+__all__ = ["load_gguf", "open_gguf", "gguf_config", "dequantize_tensor", "unpermute_qk",
            "SUPPORTED_TYPES", "SUPPORTED_ARCHS"]
 
 log = logging.getLogger(__name__)
@@ -60,16 +62,13 @@ _BLOCK_RE = re.compile(r"^blk\.(\d+)\.(.+)$")
 ROPE_FREQS = "rope_freqs.weight"
 
 
-def open_gguf(path: str | Path) -> Any:
-    """A `gguf.GGUFReader` for `path`, or a CheckpointError naming the file."""
-    from gguf import GGUFReader
-
+def open_gguf(path: str | Path) -> GGUFFile:
+    """The parsed header of a GGUF file (tensor data memory-mapped), or a CheckpointError."""
     try:
-        return GGUFReader(str(path))
-    except Exception as e:  # the reader raises ValueError/struct.error/... on bad files
+        return read_gguf(path)
+    except CheckpointError as e:
         raise CheckpointError(
-            f"{path} is not a readable GGUF file ({type(e).__name__}: {e}); "
-            "re-download it (edge-rt pull) or convert the model again"
+            f"{e}; re-download it (edge-rt pull) or convert the model again"
         ) from None
 
 
@@ -95,9 +94,8 @@ def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
              .reshape(rows, d))
 
 
-def _dequantize(t: Any) -> np.ndarray:
+def _check_type(t: Any) -> Any:
     from gguf import GGMLQuantizationType
-    from gguf.quants import dequantize
 
     qtype = GGMLQuantizationType(int(t.tensor_type))
     if qtype.name not in SUPPORTED_TYPES:
@@ -105,7 +103,19 @@ def _dequantize(t: Any) -> np.ndarray:
             f"GGUF tensor {t.name} has type {qtype.name}, which is not supported "
             f"(supported: {', '.join(SUPPORTED_TYPES)}); re-quantize the model to one of them"
         )
-    shape = tuple(int(s) for s in reversed(t.shape.tolist()))  # numpy order
+    return qtype
+
+
+def _shape(t: GGUFTensor) -> tuple[int, ...]:
+    return t.shape  # numpy order (GGUF lists dims fastest first; read_gguf reversed them)
+
+
+def dequantize_tensor(t: Any) -> np.ndarray:
+    """One GGUF tensor (a `ReaderTensor`) as a writable fp32 array in numpy order."""
+    from gguf.quants import dequantize
+
+    qtype = _check_type(t)
+    shape = _shape(t)
     arr = dequantize(t.data, qtype)
     if arr.size != int(np.prod(shape)):
         raise CheckpointError(f"GGUF tensor {t.name}: {arr.size} values for shape {shape}")
@@ -113,9 +123,19 @@ def _dequantize(t: Any) -> np.ndarray:
     return np.array(arr.reshape(shape), dtype=np.float32, copy=True)
 
 
-def gguf_tensors(reader: Any) -> dict[str, np.ndarray]:
-    """Every tensor, dequantized to fp32, under its GGUF name."""
-    return {t.name: _dequantize(t) for t in reader.tensors}
+def _hf_tensors(reader: Any, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, fp32 tensor) pairs, dequantized one at a time, Q/K rows un-permuted."""
+    permute = cfg.arch == "llama"
+    for t in reader.tensors:
+        if t.name == ROPE_FREQS:
+            continue
+        name = _hf_name(t.name)
+        w = torch.from_numpy(dequantize_tensor(t))
+        if permute and t.name.endswith("attn_q.weight"):
+            w = unpermute_qk(w, cfg.n_heads)
+        elif permute and t.name.endswith("attn_k.weight"):
+            w = unpermute_qk(w, cfg.n_kv_heads)
+        yield name, w
 
 
 def gguf_config(reader: Any, shapes: dict[str, tuple[int, ...]],
@@ -187,20 +207,16 @@ def load_gguf(path: str | Path) -> tuple[CausalLM, Tokenizer]:
             tokenizer, a tensor the model does not have, or one it lacks.
     """
     reader = open_gguf(path)
-    arrays = gguf_tensors(reader)
-    rope_freqs = arrays.pop(ROPE_FREQS, None)
-    cfg = gguf_config(reader, {k: a.shape for k, a in arrays.items()}, rope_freqs)
-    permute = cfg.arch == "llama"
-    state: dict[str, torch.Tensor] = {}
-    for gname, arr in arrays.items():
-        t = torch.from_numpy(arr)
-        if permute and gname.endswith("attn_q.weight"):
-            t = unpermute_qk(t, cfg.n_heads)
-        elif permute and gname.endswith("attn_k.weight"):
-            t = unpermute_qk(t, cfg.n_kv_heads)
-        state[_hf_name(gname)] = t
-    model = CausalLM(cfg)
-    load_weights(model, state, where=str(path))
+    by_name = {t.name: t for t in reader.tensors}
+    for t in reader.tensors:  # fail fast, before anything big is allocated
+        _check_type(t)
+        if t.name != ROPE_FREQS:
+            _hf_name(t.name)
+    rope_freqs = dequantize_tensor(by_name[ROPE_FREQS]) if ROPE_FREQS in by_name else None
+    shapes = {name: _shape(t) for name, t in by_name.items() if name != ROPE_FREQS}
+    cfg = gguf_config(reader, shapes, rope_freqs)
     tok = tokenizer_from_gguf(reader)
+    model = CausalLM(cfg)
+    load_weights(model, _hf_tensors(reader, cfg), where=str(path))
     log.debug("GGUF %s: %s, %d blocks, dim %d", path, cfg.arch, cfg.n_layers, cfg.dim)
     return model, tok

@@ -59,7 +59,12 @@ SUPPORTED_PRE = ("smollm", "llama-bpe", "qwen2")
 
 
 def gguf_field(reader: Any, key: str, default: Any = None) -> Any:
-    """The value of a GGUF metadata key (scalars, strings, arrays), or `default`."""
+    """The value of a GGUF metadata key (scalars, strings, arrays), or `default`.
+
+    `reader` is our `GGUFFile` or a `gguf.GGUFReader`.
+    """
+    if hasattr(reader, "metadata"):
+        return reader.metadata.get(key, default)
     field = reader.fields.get(key)
     if field is None:
         return default

@@ -9,6 +9,7 @@ made here are checked against PEFT.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -97,20 +98,24 @@ def _weight_files(folder: Path) -> list[Path]:
     )
 
 
-def _read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
+def _stream_tensors(files: list[Path], cfg: ModelConfig, head: list[torch.Tensor]
+                    ) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, fp32 tensor) pairs read one at a time; a tied model's stray `lm_head.weight`
+    is set aside in `head` for a check against the embedding."""
     for path in files:
         if not path.is_file():
             raise CheckpointError(f"{path} (listed in the shard index) is missing")
         try:
             with safe_open(str(path), framework="pt") as f:
                 for key in f.keys():
-                    if key in out:
-                        raise CheckpointError(f"{key} appears in two shards ({path.name})")
-                    out[key] = f.get_tensor(key).to(torch.float32)
+                    if key.endswith(_IGNORED_SUFFIXES):
+                        continue
+                    if cfg.tie_embeddings and key == "lm_head.weight":
+                        head.append(f.get_tensor(key).to(torch.float32))
+                        continue
+                    yield key, f.get_tensor(key).to(torch.float32)
         except SafetensorError as e:
             raise CheckpointError(f"{path} is not a valid safetensors file: {e}") from None
-    return out
 
 
 def load_hf_folder(folder: str | Path) -> tuple[CausalLM, Tokenizer]:
@@ -118,19 +123,17 @@ def load_hf_folder(folder: str | Path) -> tuple[CausalLM, Tokenizer]:
     folder = Path(folder)
     cfg = hf_config_to_model_config(_read_json(folder / "config.json"),
                                     str(folder / "config.json"))
-    state = _read_tensors(_weight_files(folder))
-    for key in [k for k in state if k.endswith(_IGNORED_SUFFIXES)]:
-        del state[key]
-    if cfg.tie_embeddings and "lm_head.weight" in state:
-        head = state.pop("lm_head.weight")
-        if not torch.equal(head, state.get("model.embed_tokens.weight", head)):
-            raise CheckpointError(
-                f"{folder}: tie_word_embeddings is true but lm_head.weight differs from "
-                "the embedding; fix config.json"
-            )
+    files = _weight_files(folder)
+    tok = Tokenizer.from_tokenizer_json(folder)
     model = CausalLM(cfg)
-    load_weights(model, state, where=str(folder))
-    return model, Tokenizer.from_tokenizer_json(folder)
+    head: list[torch.Tensor] = []
+    load_weights(model, _stream_tensors(files, cfg, head), where=str(folder))
+    if head and not torch.equal(head[0], model.model.embed_tokens.weight):
+        raise CheckpointError(
+            f"{folder}: tie_word_embeddings is true but lm_head.weight differs from "
+            "the embedding; fix config.json"
+        )
+    return model, tok
 
 
 def _hf_config(cfg: ModelConfig, tok: Tokenizer) -> dict[str, Any]:

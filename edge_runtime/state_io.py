@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+
 import torch
 
 from edge_runtime.errors import CheckpointError
@@ -18,34 +20,42 @@ def expected_keys(model: CausalLM) -> dict[str, tuple[int, ...]]:
     return keys
 
 
-def load_weights(model: CausalLM, state: dict[str, torch.Tensor], *, where: str) -> None:
-    """Copy `state` into `model` (fp32). Missing, extra or misshapen keys are errors.
+def load_weights(model: CausalLM,
+                 state: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]], *,
+                 where: str) -> None:
+    """Copy checkpoint tensors into `model` (fp32), one at a time.
+
+    `state` may be a dict or a stream of (name, tensor) pairs, so a loader can hand over
+    each tensor as it is read and peak memory stays near the model's own size.
 
     Raises:
-        CheckpointError: naming the first offending keys and `where` they came from.
+        CheckpointError: an extra, duplicate, misshapen or missing key, named with `where`.
     """
     want = expected_keys(model)
-    missing = sorted(set(want) - set(state))
-    extra = sorted(set(state) - set(want))
+    params = dict(model.named_parameters(remove_duplicate=False))
+    seen: set[str] = set()
+    items = state.items() if isinstance(state, Mapping) else state
+    with torch.no_grad():
+        for name, t in items:
+            if name not in want:
+                raise CheckpointError(
+                    f"{where} has a weight this architecture does not use: {name!r}; "
+                    "it is not a supported Llama-family checkpoint"
+                )
+            if name in seen:
+                raise CheckpointError(f"{where} holds {name} twice")
+            if tuple(t.shape) != want[name]:
+                raise CheckpointError(
+                    f"{where}: {name} has shape {tuple(t.shape)}, the config says {want[name]}"
+                )
+            params[name].copy_(t.to(torch.float32))
+            seen.add(name)
+    missing = sorted(set(want) - seen)
     if missing:
         raise CheckpointError(
             f"{where} lacks {len(missing)} weights the model needs, e.g. {missing[:3]}; "
             "the checkpoint is incomplete or of another architecture"
         )
-    if extra:
-        raise CheckpointError(
-            f"{where} has {len(extra)} weights this architecture does not use, e.g. "
-            f"{extra[:3]}; it is not a supported Llama-family checkpoint"
-        )
-    params = dict(model.named_parameters(remove_duplicate=False))
-    with torch.no_grad():
-        for name, shape in want.items():
-            t = state[name]
-            if tuple(t.shape) != shape:
-                raise CheckpointError(
-                    f"{where}: {name} has shape {tuple(t.shape)}, the config says {shape}"
-                )
-            params[name].copy_(t.to(torch.float32))
 
 
 def base_state_dict(model: CausalLM) -> dict[str, torch.Tensor]:

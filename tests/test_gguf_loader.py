@@ -10,7 +10,7 @@ import torch
 
 from edge_runtime.checkpoints import load_model, tiny_config, tiny_model
 from edge_runtime.errors import CheckpointError
-from edge_runtime.gguf_loader import gguf_tensors, open_gguf, unpermute_qk
+from edge_runtime.gguf_loader import dequantize_tensor, open_gguf, unpermute_qk
 from edge_runtime.model import CausalLM, ModelConfig
 from edge_runtime.tokenizer import Tokenizer
 
@@ -49,15 +49,17 @@ def _q8_0_block_by_hand(raw: np.ndarray) -> np.ndarray:
 
 @pytest.mark.real_model
 def test_real_blocks_match_hand_decoding(real_gguf):
+    from gguf import GGMLQuantizationType
+
     reader = open_gguf(real_gguf)
     by_name = {t.name: t for t in reader.tensors}
-    ours = gguf_tensors(type("R", (), {"tensors": [by_name["blk.0.ffn_down.weight"],
-                                                   by_name["token_embd.weight"]]})())
+    ours = {name: dequantize_tensor(by_name[name])
+            for name in ("blk.0.ffn_down.weight", "token_embd.weight")}
     cases = [("blk.0.ffn_down.weight", "Q4_1", 20, _q4_1_block_by_hand),
              ("token_embd.weight", "Q8_0", 34, _q8_0_block_by_hand)]
     for name, qtype, block_bytes, by_hand in cases:
         t = by_name[name]
-        assert t.tensor_type.name == qtype
+        assert GGMLQuantizationType(t.tensor_type).name == qtype
         raw = np.asarray(t.data)  # (rows, bytes per row)
         rows, cols = ours[name].shape
         assert raw.shape == (rows, cols // 32 * block_bytes)
@@ -271,3 +273,49 @@ def test_rope_freqs_that_are_not_llama3_are_refused(tmp_path, write_gguf):
                       extra_tensors={"rope_freqs.weight": divisors})
     with pytest.raises(CheckpointError, match="Llama-3 RoPE scaling"):
         load_model(str(path))
+
+
+# --- our header reader against gguf.GGUFReader -----------------------------------------
+def _compare_with_gguf_reader(path):
+    from gguf import GGUFReader
+
+    from edge_runtime.gguf_file import read_gguf
+
+    ours, ref = read_gguf(path), GGUFReader(str(path))
+    ref_meta = {k: f.contents() for k, f in ref.fields.items() if not k.startswith("GGUF.")}
+    assert ours.metadata.keys() == ref_meta.keys()
+    for key, value in ref_meta.items():
+        assert ours.metadata[key] == value, key
+    assert [t.name for t in ours.tensors] == [t.name for t in ref.tensors]
+    for a, b in zip(ours.tensors, ref.tensors, strict=True):
+        assert a.tensor_type == int(b.tensor_type)
+        assert a.shape == tuple(reversed(b.shape.tolist()))
+        assert np.array_equal(a.data.reshape(-1), np.asarray(b.data).view(np.uint8).reshape(-1))
+    return ours
+
+
+def test_reader_matches_gguf_reader_on_a_written_file(tmp_path, write_gguf):
+    path = write_gguf(tmp_path / "m.gguf", tiny_model(), Tokenizer.tiny(), qtype="Q8_0",
+                      extra_meta=lambda w: (w.add_array("test.floats", [1.5, -2.0]),
+                                            w.add_bool("test.flag", True)))
+    ours = _compare_with_gguf_reader(path)
+    assert ours.metadata["test.floats"] == [1.5, -2.0] and ours.metadata["test.flag"] is True
+
+
+@pytest.mark.real_model
+def test_reader_matches_gguf_reader_on_the_real_file(real_gguf):
+    ours = _compare_with_gguf_reader(real_gguf)
+    assert len(ours.tensors) == 272 and len(ours.metadata["tokenizer.ggml.merges"]) == 48900
+
+
+def test_reader_refuses_garbage(tmp_path):
+    from edge_runtime.gguf_file import read_gguf
+
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + (7).to_bytes(4, "little") + b"\0" * 16)
+    with pytest.raises(CheckpointError, match="version 7"):
+        read_gguf(bad)
+    bad.write_bytes(b"GGUF" + (3).to_bytes(4, "little") + (0).to_bytes(8, "little")
+                    + (5).to_bytes(8, "little") + b"\x03")
+    with pytest.raises(CheckpointError, match="truncated"):
+        read_gguf(bad)
