@@ -52,6 +52,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--profiles", metavar="DIR", default="profiles",
                    help="declared device-class profiles (<class>.json)")
     p.add_argument("--out", metavar="DIR", help="write the final global adapter here")
+    p.add_argument("--threads", type=positive_int, default=1,
+                   help="torch threads for merging (raise for big FlexLoRA SVDs)")
     p.add_argument("--metrics", metavar="FILE", help="write metrics JSON here (default STATE/metrics.json)")
     p.set_defaults(func=run)
 
@@ -103,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
               f"rejected {rec.rejected}", file=sys.stderr, flush=True)
 
     node = AggregatorNode(svc, mqtt_from_args(args), on_round=progress,
-                          wait_for_clients_s=cfg.wait_for_clients_s)
+                          wait_for_clients_s=cfg.wait_for_clients_s, threads=args.threads)
     node.run()
     metrics = Path(args.metrics) if args.metrics else Path(args.state) / "metrics.json"
     metrics.write_text(json.dumps(svc.metrics_json(run_config(args, cfg)), indent=1))

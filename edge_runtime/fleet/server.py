@@ -14,6 +14,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
+
 from edge_runtime.config import MqttConfig
 from edge_runtime.fleet.aggregator import AggregatorService, RoundOpen, RoundRecord, Verdict
 from edge_runtime.fleet.mqtt_client import InboundMessage, MqttLink
@@ -62,6 +64,7 @@ class AggregatorNode:
     on_round: Callable[[RoundRecord], None] | None = None
     wait_for_clients_s: float = 120.0
     start_clients: int = 0  # devices to wait for before round 0 (0: the quorum, min_clients)
+    threads: int = 1  # torch threads in the worker (per-update ops are small; see run())
     linger_s: float = 5.0
     topics: Topics = field(init=False)
     link: MqttLink = field(init=False)
@@ -184,6 +187,9 @@ class AggregatorNode:
     def run(self) -> int:
         """Run until all rounds are merged (or stop()); returns the number merged."""
         svc = self.service
+        # OpenMP thread counts are per calling thread; set ours here, where the merging runs.
+        # Per-update work is tiny matrix products: more threads only spin on a busy CPU.
+        torch.set_num_threads(self.threads)
         self.link.connect()
         self._seen_connects = self.link.connects
         self._publish_status()
