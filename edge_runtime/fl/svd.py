@@ -22,6 +22,11 @@ from dataclasses import dataclass
 
 import torch
 
+try:  # optional: LAPACK's partial symmetric eigensolver (imported once, not per round)
+    import scipy.linalg as _sl
+except ImportError:  # pragma: no cover - exercised where scipy is absent
+    _sl = None
+
 __all__ = ["SVDResult", "factored_svd", "randomized_svd", "dense_svd", "orthonormal_completion",
            "top_eigh", "gram_svd"]
 
@@ -134,12 +139,10 @@ def top_eigh(g: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """
     n = g.shape[0]
     k = min(k, n)
-    try:
-        import scipy.linalg as sl
-    except ImportError:
+    if _sl is None:
         vals, vecs = torch.linalg.eigh(g.float())
         return vals.flip(0)[:k], vecs.flip(1)[:, :k]
-    vals_np, vecs_np = sl.eigh(g.float().numpy(), subset_by_index=[n - k, n - 1], driver="evr")
+    vals_np, vecs_np = _sl.eigh(g.float().numpy(), subset_by_index=[n - k, n - 1], driver="evr")
     vals = torch.from_numpy(vals_np.copy()).flip(0)
     vecs = torch.from_numpy(vecs_np.copy()).flip(1)
     return vals, vecs
