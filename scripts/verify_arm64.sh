@@ -24,6 +24,10 @@ MIRROR="${EDGE_RT_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 ALL_STEPS="install,profile,train,generate,fleet"
 STEPS="$ALL_STEPS"
 REBUILD=0
+# CPU model qemu emulates: Cortex-A76 is the Raspberry Pi 5's core. (PyPI's aarch64 torch is the
+# CUDA build, whose BLAS (NVPL) dies with SIGILL on the Pi 4's Cortex-A72 under emulation; see
+# docs/DEVICES.md.) Any name from `qemu-aarch64-static -cpu help`, or "max".
+QEMU_CPU_MODEL="${EDGE_RT_QEMU_CPU:-cortex-a76}"
 # Timeouts (seconds) per step; emulation is ~10-30x slower than the host.
 T_ROOTFS="${T_ROOTFS:-2400}"
 T_INSTALL="${T_INSTALL:-5400}"
@@ -33,11 +37,13 @@ HOST_PY="${EDGE_RT_HOST_PYTHON:-python3}"
 
 usage() {
     cat <<EOF
-Usage: sudo $PROG [--cache DIR] [--steps LIST] [--rebuild]
+Usage: sudo $PROG [--cache DIR] [--steps LIST] [--cpu MODEL] [--rebuild]
 
   --cache DIR    where the arm64 root lives (default $CACHE; env EDGE_RT_ARM64_CACHE).
                  Never inside the repository.
   --steps LIST   comma-separated subset of: $ALL_STEPS (default: all)
+  --cpu MODEL    CPU qemu emulates (default $QEMU_CPU_MODEL = Raspberry Pi 5's core;
+                 env EDGE_RT_QEMU_CPU; cortex-a72 = Pi 4, max = everything qemu has)
   --rebuild      delete the cached root file system and build it again
 
 Env: T_ROOTFS, T_INSTALL, T_STEP, T_FLEET (timeouts, s); EDGE_RT_HOST_PYTHON (Python with
@@ -49,6 +55,7 @@ while [ $# -gt 0 ]; do
     case "$1" in
         --cache) CACHE="${2:?}"; shift 2 ;;
         --steps) STEPS="${2:?}"; shift 2 ;;
+        --cpu) QEMU_CPU_MODEL="${2:?}"; shift 2 ;;
         --rebuild) REBUILD=1; shift ;;
         -h|--help) usage; exit 0 ;;
         *) echo "$PROG: unknown option $1 (see --help)" >&2; exit 2 ;;
@@ -153,16 +160,17 @@ build_rootfs() {
     echo "debian $SUITE arm64 minbase, built $(date -u +%Y-%m-%dT%H:%MZ)" > "$ROOT/.edge-rt-rootfs-ok"
 }
 
+# /proc and /dev only. Not the host's /sys: torch's arm64 CPU detection reads the x86 host's
+# /sys/devices/system/cpu cache topology and segfaults at `import torch` (seen here with torch
+# 2.13.0 under qemu 7.2); without /sys it falls back and works, as on a real arm64 board.
 mount_root() {
-    local d
+    if mountpoint -q "$ROOT/sys"; then umount -R "$ROOT/sys"; fi
     mountpoint -q "$ROOT/proc" || { mount -t proc proc "$ROOT/proc"; MOUNTED+=("$ROOT/proc"); }
-    for d in sys dev; do
-        if ! mountpoint -q "$ROOT/$d"; then
-            mount --rbind "/$d" "$ROOT/$d"
-            mount --make-rslave "$ROOT/$d"
-            MOUNTED+=("$ROOT/$d")
-        fi
-    done
+    if ! mountpoint -q "$ROOT/dev"; then
+        mount --rbind /dev "$ROOT/dev"
+        mount --make-rslave "$ROOT/dev"
+        MOUNTED+=("$ROOT/dev")
+    fi
     cp -L /etc/resolv.conf "$ROOT/etc/resolv.conf"
     cp -L /etc/hosts "$ROOT/etc/hosts"
 }
@@ -223,8 +231,10 @@ EOF
 # function, so that `timeout` can run it).
 IN_ROOT=()
 make_in_root() {
+    # QEMU_CPU is read by qemu-user itself (the binfmt interpreter), not by the guest.
     IN_ROOT=(chroot "$ROOT" /usr/bin/env -i HOME=/root LANG=C.UTF-8 TERM=dumb
-        PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin "${PIP_ENV[@]}")
+        PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+        QEMU_CPU="$QEMU_CPU_MODEL" "${PIP_ENV[@]}")
 }
 in_root() { "${IN_ROOT[@]}" "$@"; }
 
@@ -351,14 +361,16 @@ EOF_ENV
 summary() {
     local i failed=0
     echo
-    echo "verify_arm64 summary ($(date -u +%Y-%m-%dT%H:%MZ), host $(uname -m), root $ROOT)"
+    echo "verify_arm64 summary ($(date -u +%Y-%m-%dT%H:%MZ), host $(uname -m) $(nproc) cores," \
+        "qemu-user $(qemu-aarch64-static --version | head -n 1 | awk '{print $3}') -cpu $QEMU_CPU_MODEL)"
     printf '  %-10s %10s  %s\n' step seconds result
     for i in "${!NAMES[@]}"; do
         printf '  %-10s %10s  %s\n' "${NAMES[$i]}" "${SECS[$i]}" "${RESULTS[$i]}"
         case "${RESULTS[$i]}" in PASS*) ;; *) failed=1 ;; esac
     done
     if [ "$failed" -eq 0 ]; then
-        echo "verified under qemu-user aarch64 emulation: steps ${STEPS}"
+        echo "verified under qemu-user aarch64 emulation ($QEMU_CPU_MODEL), Debian $SUITE arm64" \
+            "root $ROOT: steps ${STEPS}"
     else
         echo "NOT verified: a step failed (logs in $LOGS)"
     fi
@@ -384,8 +396,11 @@ main() {
         run_cli_step profile profile tiny --quick --out "$WORK_IN/profile.json" || true
     fi
     if want train; then
+        # With the plan the device's own profile picked, when the profile step made one.
+        local plan=(--rank 4 --depth 2)
+        [ -f "$ROOT$WORK_IN/profile.json" ] && plan=(--profile "$WORK_IN/profile.json")
         run_cli_step train train tiny --data "$WORK_IN/train.jsonl" --steps 4 --batch-size 2 \
-            --seq-len 32 --rank 4 --depth 2 --out "$WORK_IN/adapter" || true
+            --seq-len 32 "${plan[@]}" --out "$WORK_IN/adapter" || true
     fi
     if want generate; then
         local adapter=()
