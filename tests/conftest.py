@@ -55,6 +55,14 @@ def real_lm(real_gguf: Path) -> LoadedModel:
     return load_model(str(real_gguf))
 
 
+@pytest.fixture(scope="session")
+def real_hf_folder(real_lm: LoadedModel, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real model's weights (as loaded from the GGUF) written as a HF folder, once."""
+    from edge_runtime.hf_loader import save_hf_folder
+
+    return save_hf_folder(real_lm, tmp_path_factory.mktemp("smol_hf"))
+
+
 def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     """convert_hf_to_gguf's Q/K row order: per head, (2, hd/2) halves -> (hd/2, 2) pairs."""
     rows = w.shape[0]

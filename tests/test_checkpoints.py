@@ -141,5 +141,16 @@ def test_cli_pull_prints_only_the_path(real_gguf):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == f"{real_gguf}\n"
+
+
+def test_pulled_name_resolves_to_the_cached_file(tmp_path, monkeypatch, write_gguf):
+    from edge_runtime.checkpoints import tiny_model
+    from edge_runtime.pull import KNOWN_MODELS
+    from edge_runtime.tokenizer import Tokenizer
+
+    monkeypatch.setenv("EDGE_RT_CACHE", str(tmp_path))
+    path = write_gguf(tmp_path / KNOWN_MODELS["smollm2-135m"].filename, tiny_model(),
+                      Tokenizer.tiny())
     lm = load_model("smollm2-135m")
-    assert lm.name == "smollm2-135m" and lm.source == str(real_gguf)
+    assert lm.name == "smollm2-135m" and lm.source == str(path)
+    assert lm.fingerprint == load_model("tiny").fingerprint

@@ -116,9 +116,8 @@ def test_quantized_model_cannot_be_written(tmp_path):
 
 
 @pytest.mark.real_model
-def test_real_gguf_and_its_hf_folder_give_identical_logits(tmp_path, real_lm, real_gguf):
-    folder = save_hf_folder(real_lm, tmp_path / "smol")
-    lm = load_model(str(folder))
+def test_real_gguf_and_its_hf_folder_give_identical_logits(real_lm, real_hf_folder):
+    lm = load_model(str(real_hf_folder))
     assert lm.fingerprint == real_lm.fingerprint
     ids = real_lm.tokenizer.encode(real_lm.tokenizer.chat_prompt(
         [{"role": "user", "content": "What is the capital of France?"}]))

@@ -19,7 +19,6 @@ import transformers
 from edge_runtime.adapter_io import load_adapter, save_adapter
 from edge_runtime.checkpoints import LoadedModel, load_model
 from edge_runtime.config import LoRAPlan
-from edge_runtime.hf_loader import save_hf_folder
 from edge_runtime.lora import apply_lora, get_adapter, lora_modules, set_adapter
 
 pytestmark = [pytest.mark.real_model, pytest.mark.slow]
@@ -50,8 +49,8 @@ def _greedy_ours(model: torch.nn.Module, ids: list[int], n: int) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def hf_folder(real_lm: LoadedModel, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_hf_folder(real_lm, tmp_path_factory.mktemp("smol_hf"))
+def hf_folder(real_hf_folder: Path) -> Path:
+    return real_hf_folder
 
 
 @pytest.fixture(scope="module")
