@@ -299,17 +299,29 @@ install_service() {
 
 smoke_test() {
     say "checking the install (importing torch can take a while on a small device)"
-    "$PY" - <<'EOF'
+    local rc=0
+    # A 128x128 matmul and its backward: big enough to reach the BLAS kernels, where a wheel
+    # built for a newer Arm core than this one dies with SIGILL (exit 132).
+    "$PY" - <<'EOF' || rc=$?
 import time
 t0 = time.monotonic()
 import torch
-x = torch.randn(8, 16, requires_grad=True)
-(x @ torch.randn(16, 4)).square().sum().backward()
+x = torch.randn(128, 128, requires_grad=True)
+(x @ torch.randn(128, 128)).square().sum().backward()
 assert x.grad is not None and torch.isfinite(x.grad).all()
 import edge_runtime
 print(f"  torch {torch.__version__} (cuda build: {torch.version.cuda or 'no'}), "
       f"edge_runtime from {edge_runtime.__file__}, {time.monotonic() - t0:.1f} s")
 EOF
+    if [ "$rc" -eq 132 ]; then
+        die "torch crashed with an illegal instruction: this torch wheel uses CPU instructions
+  this processor lacks (Raspberry Pi 3/4 cores, Cortex-A53/A72, are ARMv8.0 without the LSE
+  atomics that some torch aarch64 builds assume; see PyTorch issues #132032, #174344,
+  #176993). Use PyTorch's CPU wheel (the default --torch-index), not PyPI's CUDA build, and
+  if that also fails, report the torch version and 'grep -m1 Features /proc/cpuinfo'."
+    elif [ "$rc" -ne 0 ]; then
+        die "the installed torch/edge-runtime does not work (exit $rc; output above)"
+    fi
     "$VENV/bin/edge-rt" --help >/dev/null
 }
 
