@@ -23,8 +23,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file, save_file
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # one thread, as torch below; before scipy
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 

@@ -20,7 +20,8 @@ round's result is computed by one of:
   values settle (slower than `streaming` on the flat spectra of many random updates).
 - `full`: dense sum + full SVD, the reference.
 `auto` starts factored and switches a module to streaming when its R reaches
-min(d_out, d_in).
+min(d_out, d_in); a module whose smaller side is at most 2 r_max (e.g. 128-row k/v
+projections at r_max 64) takes a dense SVD at close instead of keeping a Gram.
 
 The global adapter is kept at rank r_max per module in SVD form (A rows orthonormal,
 B = U S / s), so distributing to rank r <= r_max by the factored SVD of the global is
@@ -128,32 +129,41 @@ class FlexLoRAAccumulator:
     def count(self) -> int:
         return self._count
 
-    def _uses_gram(self) -> bool:
-        return self.cfg.mode in ("auto", "streaming")
+    def _uses_gram(self, d_out: int, d_in: int, rank: int) -> bool:
+        """Streaming keeps a Gram, except in `auto` for modules whose smaller side is at
+        most twice the rank kept (e.g. 128-row k/v projections at r_max 64), where a dense
+        SVD at close is as cheap and exact."""
+        if self.cfg.mode == "streaming":
+            return True
+        return self.cfg.mode == "auto" and min(d_out, d_in) > 2 * rank
 
-    def _to_dense(self, st: _ModuleState, d_out: int, d_in: int) -> None:
+    def _to_dense(self, st: _ModuleState, d_out: int, d_in: int, rank: int) -> None:
         st.dense = torch.zeros(d_out, d_in, dtype=self.dtype)
         for b, a in zip(st.b_parts, st.a_parts, strict=True):
             st.dense.addmm_(b, a)
         st.b_parts, st.a_parts = [], []
-        if self._uses_gram():
+        if self._uses_gram(d_out, d_in, rank):
             d64 = st.dense.double()
             st.gram = d64.t() @ d64 if d_in <= d_out else d64 @ d64.t()
 
     @staticmethod
     def _fold(st: _ModuleState, b: torch.Tensor, a: torch.Tensor) -> None:
-        """dense += b a, and its Gram with it: (D + BA)^T (D + BA) expanded, O(m n r)."""
+        """dense += b a, and its Gram with it, in O(m n r).
+
+        For G = D^T D: (D + BA)^T (D + BA) = G + Z A + (Z A)^T with
+        Z = D^T B + A^T (B^T B) / 2 (n, r); for G = D D^T the same with the roles of
+        A^T and B swapped. The products run in the sum's dtype, G accumulates in float64.
+        """
         assert st.dense is not None
         if st.gram is not None:
-            b64, a64 = b.double(), a.double()
             if st.gram.shape[0] == st.dense.shape[1]:  # G = D^T D (d_in, d_in)
-                x = (st.dense.t() @ b).double()  # (d_in, r), with D before the update
-                xa = x @ a64  # (d_in, d_in)
-                st.gram += xa + xa.t() + a64.t() @ ((b64.t() @ b64) @ a64)
+                z = st.dense.t() @ b + 0.5 * (a.t() @ (b.t() @ b))  # (d_in, r)
+                za = (z @ a).double()  # (d_in, d_in)
             else:  # G = D D^T (d_out, d_out)
-                y = (st.dense @ a.t()).double()  # (d_out, r)
-                yb = y @ b64.t()  # (d_out, d_out)
-                st.gram += yb + yb.t() + b64 @ ((a64 @ a64.t()) @ b64.t())
+                z = st.dense @ a.t() + 0.5 * (b @ (a @ a.t()))  # (d_out, r)
+                za = (z @ b.t()).double()  # (d_out, d_out)
+            st.gram += za
+            st.gram += za.t()
         st.dense.addmm_(b, a)
 
     def add(self, update: ClientUpdate) -> None:
@@ -171,7 +181,7 @@ class FlexLoRAAccumulator:
             dense_now = mode in ("streaming", "randomized", "full") or (
                 mode == "auto" and st.stacked_rank >= min(g.d_out, g.d_in))
             if dense_now and st.dense is None:
-                self._to_dense(st, g.d_out, g.d_in)
+                self._to_dense(st, g.d_out, g.d_in, g.rank)
             if st.dense is not None:
                 self._fold(st, b, a)
             else:
@@ -186,7 +196,7 @@ class FlexLoRAAccumulator:
         d = st.dense / st.weight
         if st.gram is not None:
             return gram_svd(d, st.gram / st.weight**2, rank, right=st.gram.shape[0] == d.shape[1])
-        if self.cfg.mode == "full":
+        if self.cfg.mode in ("full", "auto"):
             return dense_svd(d, rank)
         return randomized_svd(d, rank, oversample=self.cfg.oversample, tol=self.cfg.power_tol,
                               max_iters=self.cfg.max_power_iters, seed=self.cfg.seed)
