@@ -167,6 +167,8 @@ class AggregatorNode:
                     return
             else:
                 r.add_chunk(int(pt.offset or 0), msg.payload)
+                for d, t in self.transfers.enforce_budget():
+                    log.warning("dropped the open upload %s of %s: memory budget", t, d)
             if r.complete:
                 assert r.manifest is not None
                 m = r.manifest

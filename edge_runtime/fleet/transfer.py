@@ -149,10 +149,13 @@ class TransferTable:
     A finished transfer id is remembered so a late duplicate chunk does not reopen it.
     """
 
-    def __init__(self, max_bytes: int, max_open: int = 1024, ttl_s: float = 600.0) -> None:
+    def __init__(self, max_bytes: int, max_open: int = 1024, ttl_s: float = 600.0,
+                 max_total_bytes: int | None = None, max_per_sender: int = 2) -> None:
         self.max_bytes = max_bytes
         self.max_open = max_open
         self.ttl_s = ttl_s
+        self.max_total_bytes = max_total_bytes or 8 * max_bytes
+        self.max_per_sender = max_per_sender
         self._open: dict[tuple[str, str], Reassembler] = {}
         self._done: dict[tuple[str, str], float] = {}
 
@@ -164,11 +167,26 @@ class TransferTable:
         r = self._open.get(key)
         if r is None:
             self.expire()
+            mine = sorted((k for k in self._open if k[0] == sender),
+                          key=lambda k: self._open[k].created)
+            for k in mine[: max(0, len(mine) - self.max_per_sender + 1)]:
+                del self._open[k]  # a device has at most a couple of uploads in flight
             if len(self._open) >= self.max_open:
                 oldest = min(self._open, key=lambda k: self._open[k].created)
                 del self._open[oldest]
             r = self._open[key] = Reassembler(self.max_bytes)
         return r
+
+    def enforce_budget(self) -> list[tuple[str, str]]:
+        """Drop the oldest transfers holding bytes while all hold more than the budget."""
+        dropped: list[tuple[str, str]] = []
+        total = sum(r.received_bytes for r in self._open.values())
+        while total > self.max_total_bytes:
+            holding = [k for k, r in self._open.items() if r.received_bytes]
+            oldest = min(holding, key=lambda k: self._open[k].created)
+            total -= self._open.pop(oldest).received_bytes
+            dropped.append(oldest)
+        return dropped
 
     def finish(self, sender: str, tid: str) -> None:
         key = (sender, tid)

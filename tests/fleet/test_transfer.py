@@ -134,3 +134,17 @@ def test_table_forgets_finished_transfers() -> None:
     t.get("d1", "b")
     t.get("d1", "c")  # evicts the oldest open
     assert len(t.open_transfers()) == 2
+
+
+def test_table_bounds_uploads_per_sender_and_total_bytes() -> None:
+    t = TransferTable(max_bytes=1000, max_total_bytes=2500, max_per_sender=2)
+    for tid in ("a", "b", "c"):
+        t.get("d1", tid)
+    assert sorted(k[1] for k in t.open_transfers()) == ["b", "c"]  # oldest of d1 dropped
+    for i, dev in enumerate(("x", "y", "z")):
+        r = t.get(dev, "t")
+        assert r is not None
+        r.add_chunk(0, bytes(900 + i))
+    dropped = t.enforce_budget()
+    assert dropped == [("x", "t")]  # 2703 held > 2500: the oldest holder goes
+    assert sum(r.received_bytes for k, r in t._open.items()) <= 2500
