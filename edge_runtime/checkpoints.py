@@ -16,9 +16,10 @@ import torch
 
 from edge_runtime.config import QuantMode
 from edge_runtime.errors import CheckpointError
-from edge_runtime.fingerprint import base_fingerprint
+from edge_runtime.fingerprint import FingerprintBuilder, base_fingerprint
 from edge_runtime.model import CausalLM, ModelConfig
 from edge_runtime.quant import quantize_linears
+from edge_runtime.state_io import TensorHook
 from edge_runtime.tokenizer import Tokenizer
 
 __all__ = ["LoadedModel", "load_model", "tiny_config", "tiny_model", "TINY_SEED"]
@@ -78,10 +79,8 @@ def _is_gguf(path: Path) -> bool:
         return False
 
 
-def _load_base(spec: str) -> tuple[CausalLM, Tokenizer, str, str]:
-    """(model, tokenizer, name, source) in full precision."""
-    if spec == "tiny":
-        return tiny_model(), Tokenizer.tiny(), "tiny", "tiny"
+def _resolve(spec: str) -> tuple[Path, str]:
+    """(path, display name) of a checkpoint spec other than `tiny`."""
     from edge_runtime import pull
 
     if spec in pull.KNOWN_MODELS:
@@ -90,27 +89,25 @@ def _load_base(spec: str) -> tuple[CausalLM, Tokenizer, str, str]:
             raise CheckpointError(
                 f"model {spec!r} is not downloaded yet; run `edge-rt pull {spec}` first"
             )
-        model, tok = _load_path(path)
-        return model, tok, spec, str(path)
+        return path, spec
     path = Path(spec).expanduser()
     if not path.exists():
         known = ", ".join(["tiny", *pull.KNOWN_MODELS])
         raise CheckpointError(
             f"model {spec!r} not found: give a GGUF file, a HF folder, or one of: {known}"
         )
-    model, tok = _load_path(path)
-    return model, tok, path.stem if path.is_file() else path.name, str(path)
+    return path, path.stem if path.is_file() else path.name
 
 
-def _load_path(path: Path) -> tuple[CausalLM, Tokenizer]:
+def _load_path(path: Path, quant: QuantMode, on_tensor: TensorHook) -> tuple[CausalLM, Tokenizer]:
     if path.is_dir():
         from edge_runtime.hf_loader import load_hf_folder
 
-        return load_hf_folder(path)
+        return load_hf_folder(path, quant=quant, on_tensor=on_tensor)
     if _is_gguf(path):
         from edge_runtime.gguf_loader import load_gguf
 
-        return load_gguf(path)
+        return load_gguf(path, quant=quant, on_tensor=on_tensor)
     raise CheckpointError(
         f"{path} is neither a GGUF file (no GGUF magic) nor a HF folder; "
         "pass a .gguf file or a folder with config.json"
@@ -120,18 +117,29 @@ def _load_path(path: Path) -> tuple[CausalLM, Tokenizer]:
 def load_model(spec: str, quant: QuantMode | str = QuantMode.NONE) -> LoadedModel:
     """Load a frozen base model and its tokenizer; quantize its linears if asked.
 
+    Checkpoints stream in tensor by tensor: the fingerprint is taken on each fp32 tensor
+    and, with `quant`, each linear is quantized as soon as it is loaded (same result as
+    `quantize_linears` on the fp32 model, without ever holding the fp32 model).
+
     Raises:
         CheckpointError: missing/corrupt file, unsupported architecture or tensor type.
         ConfigError: unknown quantization mode.
     """
     mode = QuantMode.parse(quant)
-    model, tok, name, source = _load_base(spec)
+    if spec == "tiny":
+        model, tok, name, source = tiny_model(), Tokenizer.tiny(), "tiny", "tiny"
+        fingerprint = base_fingerprint(model)
+        quantize_linears(model, mode)
+    else:
+        path, name = _resolve(spec)
+        source = str(path)
+        builder = FingerprintBuilder()
+        model, tok = _load_path(path, mode, builder.add)
+        fingerprint = builder.hexdigest(model.config)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    fingerprint = base_fingerprint(model)
-    n = quantize_linears(model, mode)
-    log.debug("loaded %s from %s (fingerprint %s, %d linears quantized %s)",
-              name, source, fingerprint, n, mode.value)
+    log.debug("loaded %s from %s (fingerprint %s, quant %s)", name, source, fingerprint,
+              mode.value)
     return LoadedModel(model=model, tokenizer=tok, fingerprint=fingerprint, name=name,
                        source=source)

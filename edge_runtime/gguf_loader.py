@@ -22,12 +22,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from edge_runtime.config import QuantMode
 from edge_runtime.errors import CheckpointError
 from edge_runtime.gguf_file import GGUFFile, GGUFTensor, read_gguf
 from edge_runtime.gguf_rope import llama3_scaling_from_freq_factors
 from edge_runtime.gguf_tokenizer import gguf_field, tokenizer_from_gguf
 from edge_runtime.model import CausalLM, ModelConfig
-from edge_runtime.state_io import load_weights
+from edge_runtime.state_io import TensorHook, empty_model, load_weights
 from edge_runtime.tokenizer import Tokenizer
 
 __all__ = ["load_gguf", "open_gguf", "gguf_config", "dequantize_tensor", "unpermute_qk",
@@ -199,8 +200,11 @@ def _hf_name(gguf_name: str) -> str:
     )
 
 
-def load_gguf(path: str | Path) -> tuple[CausalLM, Tokenizer]:
-    """Model (fp32, HF layout) and tokenizer from a GGUF file.
+def load_gguf(path: str | Path, *, quant: QuantMode = QuantMode.NONE,
+              on_tensor: TensorHook | None = None) -> tuple[CausalLM, Tokenizer]:
+    """Model (HF layout; fp32, or its linears quantized as they load) and tokenizer.
+
+    `on_tensor(name, fp32 tensor)` sees each weight before quantization.
 
     Raises:
         CheckpointError: unreadable file, unsupported architecture, tensor type or
@@ -216,7 +220,8 @@ def load_gguf(path: str | Path) -> tuple[CausalLM, Tokenizer]:
     shapes = {name: _shape(t) for name, t in by_name.items() if name != ROPE_FREQS}
     cfg = gguf_config(reader, shapes, rope_freqs)
     tok = tokenizer_from_gguf(reader)
-    model = CausalLM(cfg)
-    load_weights(model, _hf_tensors(reader, cfg), where=str(path))
+    model = empty_model(cfg)
+    load_weights(model, _hf_tensors(reader, cfg), where=str(path), quant=quant,
+                 on_tensor=on_tensor)
     log.debug("GGUF %s: %s, %d blocks, dim %d", path, cfg.arch, cfg.n_layers, cfg.dim)
     return model, tok

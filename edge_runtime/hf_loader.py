@@ -17,9 +17,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from edge_runtime.config import QuantMode
 from edge_runtime.errors import CheckpointError
 from edge_runtime.model import CausalLM, ModelConfig
-from edge_runtime.state_io import base_state_dict, load_weights
+from edge_runtime.state_io import TensorHook, base_state_dict, empty_model, load_weights
 from edge_runtime.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -118,16 +119,21 @@ def _stream_tensors(files: list[Path], cfg: ModelConfig, head: list[torch.Tensor
             raise CheckpointError(f"{path} is not a valid safetensors file: {e}") from None
 
 
-def load_hf_folder(folder: str | Path) -> tuple[CausalLM, Tokenizer]:
-    """Model (fp32) and tokenizer from a HF folder."""
+def load_hf_folder(folder: str | Path, *, quant: QuantMode = QuantMode.NONE,
+                   on_tensor: TensorHook | None = None) -> tuple[CausalLM, Tokenizer]:
+    """Model (fp32, or its linears quantized as they load) and tokenizer from a HF folder.
+
+    `on_tensor(name, fp32 tensor)` sees each weight before quantization.
+    """
     folder = Path(folder)
     cfg = hf_config_to_model_config(_read_json(folder / "config.json"),
                                     str(folder / "config.json"))
     files = _weight_files(folder)
     tok = Tokenizer.from_tokenizer_json(folder)
-    model = CausalLM(cfg)
+    model = empty_model(cfg)
     head: list[torch.Tensor] = []
-    load_weights(model, _stream_tensors(files, cfg, head), where=str(folder))
+    load_weights(model, _stream_tensors(files, cfg, head), where=str(folder), quant=quant,
+                 on_tensor=on_tensor)
     if head and not torch.equal(head[0], model.model.embed_tokens.weight):
         raise CheckpointError(
             f"{folder}: tie_word_embeddings is true but lm_head.weight differs from "

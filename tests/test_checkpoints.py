@@ -154,3 +154,30 @@ def test_pulled_name_resolves_to_the_cached_file(tmp_path, monkeypatch, write_gg
     lm = load_model("smollm2-135m")
     assert lm.name == "smollm2-135m" and lm.source == str(path)
     assert lm.fingerprint == load_model("tiny").fingerprint
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("container", ["gguf", "hf"])
+def test_streamed_quantization_equals_quantizing_the_fp32_model(tmp_path, write_gguf, mode,
+                                                                container):
+    from edge_runtime.hf_loader import save_hf_folder
+    from edge_runtime.quant import quantize_linears
+    from edge_runtime.tokenizer import Tokenizer
+
+    if container == "gguf":
+        spec = write_gguf(tmp_path / "t.gguf", tiny_model(), Tokenizer.tiny())
+    else:
+        spec = save_hf_folder(load_model("tiny"), tmp_path / "hf")
+    streamed = load_model(str(spec), mode)
+    reference = load_model(str(spec))
+    assert streamed.fingerprint == reference.fingerprint == load_model("tiny").fingerprint
+    quantize_linears(reference.model, QuantMode(mode))
+    a, b = streamed.model.state_dict(), reference.model.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert not any(p.device.type == "meta" for p in streamed.model.parameters())
+    assert streamed.model.lm_head.weight is streamed.model.model.embed_tokens.weight
+    x = torch.tensor([[257, 72, 105, 258]])
+    with torch.no_grad():
+        assert torch.equal(streamed.model(x), reference.model(x))
