@@ -11,8 +11,9 @@ subprocesses, prints one progress line per round on stderr, and writes:
     OUT/logs/*.log      each agent's log;  OUT/state/  the aggregator's state
 
 Bytes are the MQTT packets the broker really received from devices (up) and delivered
-to them (down), counted inside the embedded broker; with an external broker they are
-the payload and topic bytes the aggregator itself sent and received.
+to them (down), counted inside the embedded broker. With an external broker the
+aggregator's own accounting is used: up = payload + topic bytes of every upload message
+it received, down = the size of each selected device's download (adapter bytes).
 """
 
 from __future__ import annotations

@@ -31,10 +31,11 @@ class Clock:
         return self.t
 
 
-def make_service(tmp: Path, strategy: str = "fedavg", clock: Clock | None = None,
-                 **kw: object) -> AggregatorService:
-    cfg = FleetConfig(strategy=strategy, rounds=kw.pop("rounds", 2), min_clients=kw.pop("min_clients", 1),
-                      round_timeout_s=30, max_update_bytes=kw.pop("max_update_bytes", 1 << 20))
+def make_service(tmp: Path, strategy: str = "fedavg", clock: Clock | None = None, *,
+                 rounds: int = 2, min_clients: int = 1,
+                 max_update_bytes: int = 1 << 20) -> AggregatorService:
+    cfg = FleetConfig(strategy=strategy, rounds=rounds, min_clients=min_clients,
+                      round_timeout_s=30, max_update_bytes=max_update_bytes)
     return AggregatorService(cfg, make_strategy(strategy), SHAPE, SHAPES, FP, tmp / "state",
                              clock=clock or Clock(), train={"steps": 2})
 

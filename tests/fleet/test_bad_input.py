@@ -63,7 +63,8 @@ class Attacker:
         self.rounds: dict[int, RoundAnnouncement] = {}
         self.sent: dict[str, tuple[Manifest, bytes]] = {}
 
-    def pump(self, seconds: float) -> None:
+    def pump(self, seconds: float) -> bool:
+        """Handle incoming messages for `seconds`; returns False (so `pump() or cond` reads)."""
         end = time.monotonic() + seconds
         while time.monotonic() < end:
             m = self.link.get(0.05)
@@ -82,6 +83,7 @@ class Attacker:
             elif kind == "ack":
                 ack = Ack.from_bytes(m.payload)
                 self.acks[ack.device_id].append(ack)
+        return False
 
     def upload(self, dev: str, m: Manifest, data: bytes, *, shuffle: bool = False) -> None:
         msgs = [(self.t.up_chunk(dev, m.transfer_id, o), c) for o, c in iter_chunks(data, m.chunk_size)]

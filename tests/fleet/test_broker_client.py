@@ -15,7 +15,7 @@ pytestmark = pytest.mark.timeout(60)
 
 
 def _collect(link: MqttLink, n: int, timeout: float = 10.0) -> list:
-    out = []
+    out: list = []
     deadline = time.monotonic() + timeout
     while len(out) < n and time.monotonic() < deadline:
         m = link.get(0.1)

@@ -45,7 +45,8 @@ def test_broker_restarted_mid_round(mosquitto, tmp_path: Path) -> None:
     # a slow uplink (1 KiB chunks at 4 kB/s) keeps the upload going while the broker is down
     agents = [make_agent(mq, f"d{i}", files[i], tmp_path / f"a{i}", chunk_size=1024,
                          uplink_bytes_per_s=4000) for i in range(2)]
-    runs = [Runner(lambda a=a: a.run(timeout_s=150), f"agent{i}") for i, a in enumerate(agents)]
+    runs = [Runner(lambda a=a: a.run(timeout_s=150), f"agent{i}")  # type: ignore[misc]
+            for i, a in enumerate(agents)]
     wait_for(lambda: _outbox_has(tmp_path / "a0") or _outbox_has(tmp_path / "a1"), 90,
              "an upload to start")
     assert svc.round == 0 and svc.open is not None
@@ -110,7 +111,8 @@ def test_aggregator_killed_and_resumed(mosquitto, tmp_path: Path) -> None:
     agents = [make_agent(mq, "fast", files[0], tmp_path / "fast"),
               make_agent(mq, "slow", files[1], tmp_path / "slow", chunk_size=1024,
                          uplink_bytes_per_s=2000)]
-    runs = [Runner(lambda a=a: a.run(timeout_s=280), a.cfg.device_id) for a in agents]
+    runs = [Runner(lambda a=a: a.run(timeout_s=280), a.cfg.device_id)  # type: ignore[misc]
+            for a in agents]
     journal = state / "journal" / "r0"
     a2 = None
     try:
