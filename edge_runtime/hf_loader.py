@@ -182,20 +182,5 @@ def save_hf_folder(loaded: LoadedModel, out_dir: str | Path) -> Path:
     state = {k: v.detach().contiguous().float() for k, v in base_state_dict(model).items()}
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(_hf_config(model.config, tok), indent=2))
-    tok.backend.save(str(out / "tokenizer.json"))
-    tok_cfg: dict[str, Any] = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": tok.bos_token or None,
-        "eos_token": tok.eos_token or None,
-        "pad_token": tok.id_to_token(tok.pad_id) or None,
-        "add_bos_token": tok.add_bos,
-        "model_max_length": model.config.max_seq_len,
-        "clean_up_tokenization_spaces": False,
-    }
-    if tok.chat_template:
-        tok_cfg["chat_template"] = tok.chat_template
-    (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2))
-    gen = {"bos_token_id": tok.bos_id, "eos_token_id": sorted(tok.eos_ids) or None,
-           "pad_token_id": tok.pad_id}
-    (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    tok.save(out, model_max_length=model.config.max_seq_len)
     return out

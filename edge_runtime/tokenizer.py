@@ -227,6 +227,29 @@ class Tokenizer:
 
         return tokenizer_from_gguf(reader)
 
+    def save(self, folder: str | Path, model_max_length: int | None = None) -> None:
+        """Write `tokenizer.json`, `tokenizer_config.json` and `generation_config.json`
+        so `from_tokenizer_json` (and transformers) read back the same tokenizer."""
+        out = Path(folder)
+        out.mkdir(parents=True, exist_ok=True)
+        self._tok.save(str(out / "tokenizer.json"))
+        cfg: dict[str, Any] = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": self.bos_token or None,
+            "eos_token": self.eos_token or None,
+            "pad_token": self.id_to_token(self.pad_id) or None,
+            "add_bos_token": self.add_bos,
+            "clean_up_tokenization_spaces": False,
+        }
+        if model_max_length is not None:
+            cfg["model_max_length"] = model_max_length
+        if self.chat_template:
+            cfg["chat_template"] = self.chat_template
+        (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2), encoding="utf-8")
+        gen = {"bos_token_id": self.bos_id, "eos_token_id": sorted(self.eos_ids) or None,
+               "pad_token_id": self.pad_id}
+        (out / "generation_config.json").write_text(json.dumps(gen, indent=2), encoding="utf-8")
+
     @property
     def backend(self) -> RustTokenizer:
         """The wrapped `tokenizers.Tokenizer` (for writing `tokenizer.json`)."""

@@ -88,3 +88,21 @@ def test_no_template_means_raw(tmp_path):
     assert not tok.has_chat_template
     with pytest.raises(ChatTemplateError, match="--raw"):
         tok.chat_prompt([{"role": "user", "content": "x"}])
+
+
+def test_save_round_trip_keeps_specials_bos_and_template(tmp_path):
+    (tmp_path / "src").mkdir()
+    folder = _write_folder(tmp_path / "src", {
+        "bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True,
+        "chat_template": "{{ bos_token }}{% for m in messages %}{{ m['content'] }}"
+                         "<|eot_id|>{% endfor %}"})
+    tok = Tokenizer.from_tokenizer_json(folder)
+    tok.save(tmp_path / "dst", model_max_length=64)
+    back = Tokenizer.from_tokenizer_json(tmp_path / "dst")
+    text = "hé<|eot_id|>x"
+    assert back.encode(text) == tok.encode(text) and back.encode(text)[0] == 256
+    assert (back.bos_id, back.eos_id, back.pad_id, back.add_bos) == \
+        (tok.bos_id, tok.eos_id, tok.pad_id, tok.add_bos)
+    assert back.eos_ids == tok.eos_ids
+    msgs = [{"role": "user", "content": "a"}]
+    assert back.chat_prompt(msgs) == tok.chat_prompt(msgs) == "<s>a<|eot_id|>"
