@@ -319,3 +319,15 @@ def test_reader_refuses_garbage(tmp_path):
                     + (5).to_bytes(8, "little") + b"\x03")
     with pytest.raises(CheckpointError, match="truncated"):
         read_gguf(bad)
+
+
+@pytest.mark.parametrize("pre,pieces", [
+    ("smollm", ["Hello", "Ġ", "Ġworld", "'s", "Ġ", "1", "2", "3", "4", "5", "!", "ĊĊ"]),
+    ("llama-bpe", ["Hello", "Ġ", "Ġworld", "'s", "Ġ", "123", "45", "!ĊĊ"]),
+    ("qwen2", ["Hello", "Ġ", "Ġworld", "'s", "Ġ", "1", "2", "3", "4", "5", "!ĊĊ"]),
+])
+def test_pre_tokenizers_split_as_their_models_do(tmp_path, write_gguf, pre, pieces):
+    lm = load_model(str(write_gguf(tmp_path / "p.gguf", tiny_model(), Tokenizer.tiny(),
+                                   pre=pre)))
+    split = lm.tokenizer.backend.pre_tokenizer.pre_tokenize_str("Hello  world's 12345!\n\n")
+    assert [p for p, _ in split] == pieces
