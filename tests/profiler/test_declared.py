@@ -50,7 +50,8 @@ def test_prediction_scales_time_by_compute_and_keeps_memory() -> None:
     plan = LoRAPlan(rank=8, depth=4)
     pi4 = predict_on_device(ref, profs["rpi4-4gb"], plan)
     pi5 = predict_on_device(ref, profs["rpi5-4gb"], plan)
-    here = ref.cost_model.predict(plan, ref.workload)  # type: ignore[union-attr]
+    assert ref.cost_model is not None and ref.workload is not None
+    here = ref.cost_model.predict(plan, ref.workload)
     assert speed_factor(ref, profs["rpi4-4gb"]) == pytest.approx(16.0 / 20.0)
     assert pi4.step_time_s == pytest.approx(here.step_time_s * 20.0 / 16.0)
     assert pi5.step_time_s == pytest.approx(pi4.step_time_s / 2.3)
