@@ -95,8 +95,9 @@ def run_profile(model: CausalLM, cfg: ProfileConfig, *, base_rss_mb: float,
     info = device_info()
     progress(f"device: {info['cpu_model']}, {info['cores_logical']} cores, "
              f"{info['available_ram_mb']} of {info['total_ram_mb']} MB available")
-    gflops = gemm_gflops(min_time_s=0.2 if cfg.quick else 0.5)
-    progress(f"fp32 matmul: {gflops:.1f} GFLOP/s")
+    g_wall, g_cpu = gemm_gflops(min_time_s=0.2 if cfg.quick else 0.5)
+    gflops = g_cpu if cfg.time_basis == "cpu" else g_wall
+    progress(f"fp32 matmul: {g_wall:.1f} GFLOP per wall second, {g_cpu:.1f} per CPU second")
     r_lo, r_hi = cfg.rank_choices[0], cfg.rank_choices[-1]
     shapes = _shapes(wl.batch_size, wl.seq_len)
 
@@ -185,7 +186,8 @@ def run_profile(model: CausalLM, cfg: ProfileConfig, *, base_rss_mb: float,
     figures = {
         "ram_budget_mb": Figure(budget_mb, "MB", budget_src),
         "fp32_gflops": Figure(round(gflops, 2), "GFLOP/s",
-                              "measured: torch.mm 256x576 @ 576x1536, all threads"),
+                              f"measured: torch.mm 256x576 @ 576x1536, all threads, per "
+                              f"{cfg.time_basis} second ({g_wall:.1f} wall, {g_cpu:.1f} CPU)"),
         "relative_compute": Figure(round(gflops / PI4_GEMM_GFLOPS, 3), "x Raspberry Pi 4",
                                    f"measured fp32_gflops / {PI4_GEMM_GFLOPS} (Pi 4, "
                                    "profiles/README.md)"),
