@@ -49,8 +49,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--state", required=True, metavar="DIR",
                    help="state directory (resumed if it exists)")
     p.add_argument("--eval", metavar="FILE.jsonl", help="held-out rows for eval_loss per round")
-    p.add_argument("--profiles", metavar="DIR", default="profiles",
-                   help="declared device-class profiles (<class>.json)")
+    p.add_argument("--profiles", metavar="DIR",
+                   help="declared device-class profiles (<class>.json; default: profiles/)")
+    p.add_argument("--reference-profile", metavar="FILE",
+                   help="a profile measured with `edge-rt profile` for this model: plans "
+                   "declared classes with the profiler's cost model")
     p.add_argument("--out", metavar="DIR", help="write the final global adapter here")
     p.add_argument("--threads", type=positive_int, default=1,
                    help="torch threads for merging (raise for big FlexLoRA SVDs)")
@@ -97,7 +100,9 @@ def run(args: argparse.Namespace) -> int:
                         train=train_settings(args),
                         eval_examples=load_jsonl(args.eval) if args.eval else None,
                         seq_len=args.seq_len,
-                        profiles_dir=Path(args.profiles) if args.profiles else None)
+                        profiles_dir=Path(args.profiles) if args.profiles else None,
+                        reference=Path(args.reference_profile) if args.reference_profile
+                        else None)
 
     def progress(rec) -> None:  # type: ignore[no-untyped-def]
         print(f"round {rec.round}: {rec.participants} updates, eval_loss {rec.eval_loss}, "

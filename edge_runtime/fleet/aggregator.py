@@ -50,6 +50,7 @@ from edge_runtime.fleet.protocol import (
 from edge_runtime.fleet.transfer import TransferError, make_manifest
 from edge_runtime.fleet.validation import UpdateRejected, validate_update
 from edge_runtime.lora import seeded_lora_a
+from edge_runtime.profiler.profile_io import DeviceProfile
 
 __all__ = ["AggregatorService", "Verdict", "RoundOpen", "RoundRecord", "atomic_write",
            "initial_global"]
@@ -128,6 +129,10 @@ class AggregatorService:
         state_dir: where state is persisted (created; resumed if it holds a state).
         train: trainer settings sent to devices with each plan (steps, lr, ...).
         evaluator: optional global adapter -> eval loss, called after each merge.
+        profiles_dir: declared device-class profiles (`profiles/`), for devices that have
+            not measured themselves.
+        reference: a profile measured with `edge-rt profile` for this model, to plan
+            declared classes with the profiler's cost model (see planning.py).
         clock: wall clock (seconds since the epoch); replaced in tests.
     """
 
@@ -135,7 +140,7 @@ class AggregatorService:
                  shapes: dict[str, tuple[int, int]], fingerprint: str, state_dir: Path, *,
                  seed: int = 0, train: dict[str, Any] | None = None,
                  evaluator: Callable[[Adapter], float] | None = None,
-                 profiles_dir: Path | None = None,
+                 profiles_dir: Path | None = None, reference: DeviceProfile | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self.cfg = cfg
         self.strategy = strategy
@@ -147,6 +152,7 @@ class AggregatorService:
         self.train = dict(train or {})
         self.evaluator = evaluator
         self.profiles_dir = profiles_dir
+        self.reference = reference
         self.clock = clock
         self.devices: dict[str, dict[str, Any]] = {}
         self.online: set[str] = set()
@@ -244,7 +250,8 @@ class AggregatorService:
         plan = plan_for_device(dev, info.get("profile", {}), info.get("device_class", ""),
                                self.shape, strategy=self.cfg.strategy,
                                steps=int(self.train.get("steps", 20)),
-                               profiles_dir=self.profiles_dir)
+                               profiles_dir=self.profiles_dir, reference=self.reference,
+                               deadline_s=self.cfg.round_timeout_s)
         # never above what the global adapter holds now (SA-FedLoRA shrinks it)
         ranks = {n: min(r, self.global_adapter[n].rank) for n, r in plan.ranks.items()}
         return ClientPlan(dev, ranks, plan.alpha, plan.device_class)

@@ -48,7 +48,13 @@ def make_evaluator(loaded: LoadedModel, examples: list[Example], seq_len: int = 
 def build_service(loaded: LoadedModel, cfg: FleetConfig, state_dir: Path, *, r_max: int,
                   depth: int, targets: tuple[str, ...], alpha: float, train: dict[str, Any],
                   eval_examples: list[Example] | None = None, seq_len: int = 128,
-                  profiles_dir: Path | None = None, seed: int = 0) -> AggregatorService:
+                  profiles_dir: Path | None = None, reference: Path | None = None,
+                  seed: int = 0) -> AggregatorService:
+    """The aggregator service for a loaded base model (declared classes from `profiles_dir`,
+    default the profiler's `profiles/`; `reference`: a measured profile for this model)."""
+    from edge_runtime.profiler.declared import profiles_dir as default_profiles
+    from edge_runtime.profiler.profile_io import load_profile
+
     n_layers = loaded.model.config.n_layers
     if depth > n_layers:
         raise ConfigError(f"--depth {depth} is above the model's {n_layers} blocks; pass "
@@ -57,4 +63,6 @@ def build_service(loaded: LoadedModel, cfg: FleetConfig, state_dir: Path, *, r_m
     evaluator = make_evaluator(loaded, eval_examples, seq_len) if eval_examples else None
     return AggregatorService(cfg, cast(Strategy, make_strategy(cfg.strategy)), shape, model_shapes(loaded, shape),
                              loaded.fingerprint, state_dir, seed=seed, train=train,
-                             evaluator=evaluator, profiles_dir=profiles_dir)
+                             evaluator=evaluator,
+                             profiles_dir=profiles_dir or default_profiles(),
+                             reference=load_profile(reference) if reference else None)

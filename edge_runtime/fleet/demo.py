@@ -44,7 +44,8 @@ __all__ = ["DemoConfig", "run_demo", "write_demo_data", "DEVICE_CLASSES"]
 
 log = logging.getLogger(__name__)
 
-DEVICE_CLASSES = ("pi5", "pi4", "phone")
+# declared classes in profiles/ (RAM budget and speed give each its rank and depth)
+DEVICE_CLASSES = ("rpi5-8gb", "rpi4-2gb", "android-mid-6gb")
 
 # One topic per client: the same question shape, different answers (label skew).
 _TOPICS: dict[str, list[str]] = {

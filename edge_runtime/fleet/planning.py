@@ -1,30 +1,36 @@
 """Per-device LoRA plans from device profiles (measured, declared, or a class default).
 
-A device sends its profile at register. The aggregator turns it into a `ClientPlan`
-(rank per module over the top `depth` blocks), never above the global adapter's
-`r_max`/`depth`:
+A device sends its profile at register (`edge-rt profile` writes it; see
+profiles/README.md for the schema). The aggregator turns it into a `ClientPlan` (rank
+per module over the top `depth` blocks), never above the global adapter's
+`r_max`/`depth`. Sources, first match wins:
 
-1. LEGEND with cost numbers in the profile (`legend_cost`): the strategy's own
-   `plan_device` (deepest, then widest plan fitting the deadline and memory).
-2. A profile naming a plan (`{"plan": {"rank": r, "depth": d}}` or top-level
-   `rank`/`depth`, as `edge-rt profile` and the declared class files write).
-3. Otherwise the declared profile of the device's class: `profiles/<class>.json` if the
-   profiles directory has it, else the built-in `CLASS_DEFAULTS`.
+1. LEGEND with cost numbers (`legend_cost` in the profile, or derived for a declared
+   class from a measured `reference` profile): the strategy's own `plan_device`
+   (deepest, then widest plan fitting the deadline and memory).
+2. A measured profile's `plan` (`LoRAPlan` JSON: rank, depth, layer_ranks, ...).
+3. The device's declared class (`device_class` names a file in `profiles/`): with a
+   measured `reference` profile of the same model, the profiler's chooser on the class's
+   RAM budget and scaled speed (`profiler.declared.plan_for_device`); without one, a
+   documented heuristic on the class's figures: rank from the RAM budget (<= 2 GB: 2,
+   <= 4 GB: 4, else 8), depth = round(2 x compute relative to a Pi 4).
+4. Built-in `CLASS_DEFAULTS` (pi4, pi5, phone, ...), else rank 4, depth 2.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edge_runtime.config import LegendConfig
+from edge_runtime.config import LegendConfig, LoRAPlan
+from edge_runtime.errors import UserError
 from edge_runtime.fl.legend import DeviceCost, plan_device
 from edge_runtime.fl.types import ClientPlan
+from edge_runtime.profiler.profile_io import DeviceProfile, load_profile
 
-__all__ = ["GlobalShape", "CLASS_DEFAULTS", "plan_for_device", "module_name"]
+__all__ = ["GlobalShape", "CLASS_DEFAULTS", "plan_for_device", "module_name", "declared_class"]
 
 log = logging.getLogger(__name__)
 
@@ -60,15 +66,27 @@ class GlobalShape:
                 for t in self.targets]
 
 
-def _class_profile(device_class: str, profiles_dir: Path | None) -> dict[str, Any]:
-    if profiles_dir is not None and device_class:
-        path = profiles_dir / f"{device_class}.json"
-        if path.is_file():
-            try:
-                return dict(json.loads(path.read_text()))
-            except (OSError, ValueError) as e:
-                log.warning("ignoring unreadable class profile %s: %s", path, e)
-    return dict(CLASS_DEFAULTS.get(device_class, _FALLBACK))
+def declared_class(device_class: str, profiles_dir: Path | None) -> DeviceProfile | None:
+    """The declared profile `profiles_dir/<device_class>.json`, if there is a valid one."""
+    if profiles_dir is None or not device_class or "/" in device_class:
+        return None
+    path = profiles_dir / f"{device_class}.json"
+    if not path.is_file():
+        return None
+    try:
+        return load_profile(path)
+    except (UserError, OSError, ValueError) as e:
+        log.warning("ignoring class profile %s: %s", path, e)
+        return None
+
+
+def _heuristic(prof: DeviceProfile) -> tuple[int, int]:
+    try:
+        budget, rel = prof.ram_budget_mb, prof.figure("relative_compute")
+    except UserError:
+        return _FALLBACK["rank"], _FALLBACK["depth"]
+    rank = 2 if budget <= 2048 else 4 if budget <= 4096 else 8
+    return rank, max(1, round(2 * rel))
 
 
 def _declared(profile: dict[str, Any]) -> tuple[int, int] | None:
@@ -80,40 +98,87 @@ def _declared(profile: dict[str, Any]) -> tuple[int, int] | None:
     return None
 
 
+def _from_lora_plan(plan: LoRAPlan, shape: GlobalShape) -> dict[str, int]:
+    """{module: rank} of a LoRAPlan (its layer/module overrides kept), within the global."""
+    depth = min(plan.depth, shape.depth)
+    return {module_name(i, t): min(plan.rank_for(i, module_name(i, t)), shape.r_max)
+            for i in range(shape.n_layers - depth, shape.n_layers) for t in shape.targets}
+
+
+def _legend(device_id: str, cost: dict[str, Any], device_class: str, shape: GlobalShape,
+            steps: int, legend: LegendConfig | None, deadline_s: float | None) -> ClientPlan | None:
+    try:
+        dc = DeviceCost(**{k: float(cost[k]) for k in (
+            "fwd_s", "bwd_s", "rank_s", "base_mb", "act_mb", "rank_mb", "mem_budget_mb")})
+    except (KeyError, TypeError, ValueError) as e:
+        log.warning("%s: unusable legend_cost (%s); using the declared plan", device_id, e)
+        return None
+    cfg = legend or LegendConfig(deadline_s=deadline_s or 60.0, r_max=shape.r_max,
+                                 r_min=min(4, shape.r_max))
+    plan = plan_device(device_id, dc, shape.n_layers, shape.targets, cfg, steps=steps,
+                       alpha=shape.alpha, device_class=device_class)
+    if plan is None:
+        return None
+    allowed = set(shape.modules())
+    ranks = {n: min(r, shape.r_max) for n, r in plan.ranks.items() if n in allowed}
+    return ClientPlan(device_id, ranks, shape.alpha, device_class) if ranks else None
+
+
 def plan_for_device(device_id: str, profile: dict[str, Any], device_class: str,
                     shape: GlobalShape, *, strategy: str, steps: int,
-                    legend: LegendConfig | None = None,
-                    profiles_dir: Path | None = None) -> ClientPlan:
-    """The device's plan for a round (see module docstring for the order of sources)."""
-    cost = profile.get("legend_cost")
-    if strategy == "legend" and isinstance(cost, dict):
-        try:
-            dc = DeviceCost(**{k: float(cost[k]) for k in (
-                "fwd_s", "bwd_s", "rank_s", "base_mb", "act_mb", "rank_mb", "mem_budget_mb")})
-            cfg = legend or LegendConfig(r_max=shape.r_max, r_min=min(4, shape.r_max))
-            plan = plan_device(device_id, dc, shape.n_layers, shape.targets, cfg, steps=steps,
-                               alpha=shape.alpha, device_class=device_class)
-            if plan is not None:
-                allowed = set(shape.modules())
-                ranks = {n: min(r, shape.r_max) for n, r in plan.ranks.items() if n in allowed}
-                if ranks:
-                    return ClientPlan(device_id, ranks, shape.alpha, device_class)
-        except (KeyError, TypeError, ValueError) as e:
-            log.warning("%s: unusable legend_cost in profile (%s); using declared plan",
-                        device_id, e)
+                    legend: LegendConfig | None = None, profiles_dir: Path | None = None,
+                    reference: DeviceProfile | None = None,
+                    deadline_s: float | None = None) -> ClientPlan:
+    """The device's plan for a round (see the module docstring for the order of sources)."""
     if strategy == "fedavg":  # homogeneous baseline: everyone trains the global plan
         return ClientPlan(device_id, {n: shape.r_max for n in shape.modules()}, shape.alpha,
                           device_class)
-    rd = _declared(profile) or _declared(_class_profile(device_class, profiles_dir)) \
-        or (_FALLBACK["rank"], _FALLBACK["depth"])
+    measured = isinstance(profile.get("plan"), dict) or isinstance(profile.get("legend_cost"),
+                                                                    dict)
+    declared = None if measured else declared_class(device_class, profiles_dir)
+    if strategy == "legend":
+        cost = profile.get("legend_cost")
+        if not isinstance(cost, dict) and declared is not None and reference is not None:
+            from edge_runtime.profiler.declared import legend_cost_for_device
+            try:
+                cost = legend_cost_for_device(reference, declared, shape.targets)
+            except UserError as e:
+                log.warning("%s: no LEGEND costs from the reference profile (%s)", device_id, e)
+        if isinstance(cost, dict):
+            plan = _legend(device_id, cost, device_class, shape, steps, legend, deadline_s)
+            if plan is not None:
+                return plan
+    ranks: dict[str, int] | None = None
+    if isinstance(profile.get("plan"), dict):
+        try:
+            ranks = _from_lora_plan(LoRAPlan.from_json(profile["plan"]), shape)
+        except (UserError, TypeError, ValueError) as e:
+            log.warning("%s: unusable plan in its profile (%s)", device_id, e)
+    elif declared is not None and reference is not None:
+        from edge_runtime.profiler.declared import plan_for_device as choose_for_class
+        try:
+            choice = choose_for_class(reference, declared, deadline_s=deadline_s,
+                                      steps_per_round=steps, targets=shape.targets,
+                                      alpha=shape.alpha)
+            ranks = _from_lora_plan(choice.plan, shape)
+        except UserError as e:
+            log.warning("%s: the chooser found no plan for class %s (%s)", device_id,
+                        device_class, e)
+    if ranks:
+        return ClientPlan(device_id, ranks, shape.alpha, device_class)
+    if declared is not None:
+        rd = _heuristic(declared)
+    else:
+        rd = _declared(profile) or _declared(dict(CLASS_DEFAULTS.get(device_class, {}))) \
+            or (_FALLBACK["rank"], _FALLBACK["depth"])
     rank, depth = min(rd[0], shape.r_max), min(rd[1], shape.depth)
     if strategy == "legend":
-        # LEGEND without measured costs: a rank ramp that grows toward the output.
+        # LEGEND without costs: a rank ramp that grows toward the output.
         layers = list(range(shape.n_layers - depth, shape.n_layers))
         lo = max(1, rank // 2)
         ramp = [lo + (rank - lo) * j // max(1, depth - 1) for j in range(depth)]
-        ranks = {module_name(i, t): r for i, r in zip(layers, ramp, strict=True)
-                 for t in shape.targets}
-    else:
-        ranks = {n: rank for n in shape.modules(depth)}
-    return ClientPlan(device_id, ranks, shape.alpha, device_class)
+        return ClientPlan(device_id, {module_name(i, t): r
+                                      for i, r in zip(layers, ramp, strict=True)
+                                      for t in shape.targets}, shape.alpha, device_class)
+    return ClientPlan(device_id, {n: rank for n in shape.modules(depth)}, shape.alpha,
+                      device_class)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from edge_runtime.fleet.planning import CLASS_DEFAULTS, GlobalShape, module_name, plan_for_device
 
+REPO = Path(__file__).resolve().parents[2]
 SHAPE = GlobalShape(n_layers=30, depth=4, r_max=8, targets=("q_proj", "v_proj"), alpha=16.0)
 
 
@@ -26,10 +27,29 @@ def test_class_defaults_and_profiles_dir(tmp_path: Path) -> None:
     p = plan_for_device("b", {}, "phone", SHAPE, strategy="hetlora", steps=10)
     assert set(p.ranks.values()) == {CLASS_DEFAULTS["phone"]["rank"]}
     assert _layers(p) == {29}
-    (tmp_path / "phone.json").write_text(json.dumps({"plan": {"rank": 4, "depth": 3}}))
+    # a declared class profile (schema of profiles/README.md) without a reference
+    # profile: rank from the RAM budget, depth from the compute relative to a Pi 4
+    prof = json.loads((REPO / "profiles" / "rpi4-4gb.json").read_text())
+    prof["name"] = "phone"
+    prof["figures"]["relative_compute"]["value"] = 1.6
+    (tmp_path / "phone.json").write_text(json.dumps(prof))
     p2 = plan_for_device("b", {}, "phone", SHAPE, strategy="hetlora", steps=10,
                          profiles_dir=tmp_path)
-    assert set(p2.ranks.values()) == {4} and _layers(p2) == {27, 28, 29}
+    assert set(p2.ranks.values()) == {4} and _layers(p2) == {27, 28, 29}  # 3072 MB; 2x1.6 -> 3
+
+
+def test_shipped_declared_classes_get_distinct_plans() -> None:
+    plans = {c: plan_for_device(c, {}, c, SHAPE, strategy="hetlora", steps=10,
+                                profiles_dir=REPO / "profiles")
+             for c in ("rpi4-2gb", "rpi5-8gb", "android-mid-6gb")}
+    assert {c: (max(p.ranks.values()), len(_layers(p))) for c, p in plans.items()} == {
+        "rpi4-2gb": (2, 2), "rpi5-8gb": (8, 4), "android-mid-6gb": (4, 4)}
+
+
+def test_measured_plan_keeps_layer_ranks() -> None:
+    prof = {"plan": {"rank": 4, "depth": 3, "layer_ranks": {"29": 8}, "targets": ["q_proj"]}}
+    p = plan_for_device("m", prof, "", SHAPE, strategy="flexlora", steps=10)
+    assert p.ranks[module_name(29, "q_proj")] == 8 and p.ranks[module_name(27, "v_proj")] == 4
 
 
 def test_fedavg_gives_everyone_the_global_plan() -> None:
@@ -50,3 +70,26 @@ def test_legend_uses_costs_and_ramps_toward_output() -> None:
     # without costs: a ramp from the declared class budget
     q = plan_for_device("e", {}, "pi5", SHAPE, strategy="legend", steps=10)
     assert q.ranks[module_name(29, "q_proj")] == 8 and q.ranks[module_name(26, "q_proj")] == 4
+
+
+def test_declared_class_with_measured_reference_uses_the_profilers_chooser() -> None:
+    """A reference profile (edge-rt profile tiny --quick, measured here) plans declared
+    classes with the profiler's cost model; LEGEND gets its cost numbers from it."""
+    from edge_runtime.profiler.profile_io import load_profile
+
+    ref = load_profile(Path(__file__).parent / "fixtures" / "measured-tiny.json")
+    tiny = GlobalShape(n_layers=2, depth=2, r_max=8, targets=("q_proj", "v_proj"), alpha=16.0)
+    work = {}
+    for c in ("rpi4-2gb", "rpi5-8gb"):
+        p = plan_for_device(c, {}, c, tiny, strategy="hetlora", steps=5,
+                            profiles_dir=REPO / "profiles", reference=ref, deadline_s=30.0)
+        assert set(p.ranks) <= set(tiny.modules()) and max(p.ranks.values()) <= 8
+        work[c] = sum(p.ranks.values())
+    assert work["rpi5-8gb"] >= work["rpi4-2gb"]  # faster and bigger: never a smaller plan
+    # a deadline no device can meet: the chooser fails, the figures heuristic takes over
+    p = plan_for_device("x", {}, "rpi4-2gb", tiny, strategy="hetlora", steps=5,
+                        profiles_dir=REPO / "profiles", reference=ref, deadline_s=1e-6)
+    assert set(p.ranks.values()) == {2}
+    lg = plan_for_device("y", {}, "rpi5-8gb", tiny, strategy="legend", steps=5,
+                         profiles_dir=REPO / "profiles", reference=ref, deadline_s=30.0)
+    assert lg.ranks and set(lg.ranks) <= set(tiny.modules())
