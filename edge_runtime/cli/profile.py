@@ -106,8 +106,7 @@ def format_table(d: dict[str, Any]) -> str:
                      f"{pred['round_time_s']:.1f} s/round, peak RSS {pred['peak_rss_mb']:.0f} MB "
                      f"(base {parts['base_mb']:.0f} + activations {parts['activations_mb']:.0f} + "
                      f"transient {parts['transient_mb']:.0f} + LoRA states "
-                     f"{parts['lora_states_mb']:.1f} + slack {parts['slack_mb']:.0f} + fragmentation "
-                     f"{parts['fragmentation_mb']:.0f})")
+                     f"{parts['lora_states_mb']:.1f} + slack {parts['slack_mb']:.0f})")
         if cm["load_peak_rss_mb"] > b["memory_budget_mb"]:
             lines.append(f"WARNING    loading the model peaked at {cm['load_peak_rss_mb']:.0f} MB, "
                          "above the budget: the device may run out of memory while loading")

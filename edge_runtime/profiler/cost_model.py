@@ -14,23 +14,25 @@ and, in peak resident memory,
            + sum_{l in top d} m_act(B, T, r_l)           activations kept for the backward
            + max(m_head(N_lab), m_block(B, T))           the largest transient
            + m_slack                                     allocator slack seen end to end
-           + 0.2 * (all of the above but m_base)         fragmentation allowance
 
 with N = B*T tokens, N_lab the labelled tokens, m_act the resident memory a trained
-block keeps for its backward (measured on a stack of trained blocks, so allocator
-overhead is in it), P = sum r * (d_in + d_out). Each t_* and
+block keeps for its backward (see below), P = sum r * (d_in + d_out). Each t_* and
 m_* is a `LinearFit` over the features below, fitted on microbenchmarks of the real
 block, head and optimizer (`measure.py`); `time_scale` and `m_slack` come from whole
 training steps measured end to end. Blocks below the lowest LoRA block build no autograd
 graph (`CausalLM.frozen_prefix`), which is where depth saves time and memory.
 
-The fragmentation allowance is empirical. With glibc's default (dynamic) mmap threshold,
-a training process's peak RSS keeps growing for the first few steps as freed activation
-memory stays in the heap: measured here over 4-6 steps of the real trainer on
-SmolLM2-135M, the peak step memory above the base ended 13-22% over the first step's
-(int4, depth 19: 860 -> 1049 MB; fp32, depth 30: +13%). With MALLOC_MMAP_THRESHOLD_=65536
-the growth disappears and the step memory drops by about 40%, at about 60% more CPU time
-per step (page faults on fresh mappings), so predictions are conservative there.
+m_act is fitted on the exact bytes autograd saves per trained block (saved-tensor
+hooks), times the allocator overhead measured on a stack of trained blocks (resident /
+exact, about 1.6-1.8 here), times ACTIVATION_GROWTH for heap fragmentation. The growth
+factor is empirical: with glibc's default (dynamic) mmap threshold a training process's
+peak keeps rising over its first steps as freed activation memory stays in the heap;
+measured here with the real trainer on SmolLM2-135M (int4, depth 19) the step's peak
+above the base went 860 -> 1049 MB over four steps, while steady-state resident
+activations ran at about 1.9x the exact bytes (fp32 depth 30, int8 depth 7 and 12,
+int4 depth 8 and 19). With MALLOC_MMAP_THRESHOLD_=65536 that growth disappears and the
+step memory drops by about 40%, at about 60% more CPU time per step (page faults on fresh
+mappings), so the predictions are conservative there.
 """
 
 from __future__ import annotations
@@ -55,12 +57,12 @@ __all__ = [
     "BYTES_PER_LORA_PARAM",
     "MB",
     "BoundCost",
-    "FRAGMENTATION_ALLOWANCE",
+    "ACTIVATION_GROWTH",
 ]
 
 MB = float(1 << 20)
-# Share of a step's memory (above the base) added for heap fragmentation (see docstring).
-FRAGMENTATION_ALLOWANCE = 0.2
+# Growth of resident activation memory over a run's first steps (see module docstring).
+ACTIVATION_GROWTH = 1.15
 # fp32 parameter + gradient + AdamW exp_avg + exp_avg_sq
 BYTES_PER_LORA_PARAM = 16
 
@@ -240,14 +242,12 @@ class CostModel:
         m_states = params * BYTES_PER_LORA_PARAM / MB
         m_transient = max(f["head_mb"].predict(head_features(workload.label_tokens)),
                           f["block_transient_mb"].predict(block_features(b, t)))
-        m_frag = FRAGMENTATION_ALLOWANCE * (m_states + m_act + m_transient + self.mem_slack_mb)
-        peak = self.base_rss_mb + m_states + m_act + m_transient + self.mem_slack_mb + m_frag
+        peak = self.base_rss_mb + m_states + m_act + m_transient + self.mem_slack_mb
         parts = {"frozen_forward_s": (n - depth) * t_fwd / speed, "trained_blocks_s": t_train / speed,
                  "head_s": t_head / speed, "optimizer_s": t_opt / speed,
                  "base_mb": self.base_rss_mb, "lora_states_mb": m_states,
                  "activations_mb": m_act, "transient_mb": m_transient,
-                 "slack_mb": self.mem_slack_mb, "fragmentation_mb": m_frag,
-                 "load_peak_mb": self.load_peak_rss_mb}
+                 "slack_mb": self.mem_slack_mb, "load_peak_mb": self.load_peak_rss_mb}
         return Prediction(step, peak, params, parts)
 
     def bind(self, workload: Workload, *, speed: float = 1.0) -> BoundCost:
@@ -301,14 +301,13 @@ class CostModel:
         act1 = f["block_act_mb"].predict(block_features(b, t, width1))
         transient = max(f["head_mb"].predict(head_features(workload.label_tokens)),
                         f["block_transient_mb"].predict(block_features(b, t)))
-        g = 1.0 + FRAGMENTATION_ALLOWANCE
         return {
             "fwd_s": (t_fwd + t_fixed / n) * k,
             "bwd_s": max(t_tr0 - t_fwd, 0.0) * k,
             "rank_s": (t_tr1 - t_tr0 + opt_per) * k,
-            "base_mb": self.base_rss_mb + g * (transient + self.mem_slack_mb),
-            "act_mb": g * act0,
-            "rank_mb": g * ((act1 - act0) + width1 * BYTES_PER_LORA_PARAM / MB),
+            "base_mb": self.base_rss_mb + transient + self.mem_slack_mb,
+            "act_mb": act0,
+            "rank_mb": (act1 - act0) + width1 * BYTES_PER_LORA_PARAM / MB,
             "mem_budget_mb": float(budget_mb),
         }
 

@@ -7,7 +7,6 @@ import pytest
 from edge_runtime.config import LoRAPlan
 from edge_runtime.profiler.cost_model import (
     BYTES_PER_LORA_PARAM,
-    FRAGMENTATION_ALLOWANCE,
     MB,
     CostModel,
     Workload,
@@ -40,8 +39,7 @@ def test_prediction_composes_the_fitted_parts() -> None:
     assert p.step_time_s == pytest.approx(expect_t, rel=1e-12)
     act = sum(0.01 * n_tok + 1e-5 * attn + 1e-7 * n_tok * w[i] for i in (4, 5))
     transient = max(1.0 + 0.002 * n_lab, 0.5 + 0.001 * n_tok)
-    step_mb = params * BYTES_PER_LORA_PARAM / MB + act + transient
-    expect_m = 300.0 + step_mb * (1 + FRAGMENTATION_ALLOWANCE)
+    expect_m = 300.0 + params * BYTES_PER_LORA_PARAM / MB + act + transient
     assert p.peak_rss_mb == pytest.approx(expect_m, rel=1e-12)
     assert p.trainable_params == params
     assert p.parts["load_peak_mb"] == 400.0
@@ -55,8 +53,7 @@ def test_depth_saves_time_scale_and_speed_apply() -> None:
     assert shallow.peak_rss_mb < deep.peak_rss_mb
     scaled = model(time_scale=1.5, slack=20.0).predict(LoRAPlan(rank=8, depth=6), wl, speed=3.0)
     assert scaled.step_time_s == pytest.approx(deep.step_time_s * 1.5 / 3.0)
-    assert scaled.peak_rss_mb == pytest.approx(
-        deep.peak_rss_mb + 20.0 * (1 + FRAGMENTATION_ALLOWANCE))
+    assert scaled.peak_rss_mb == pytest.approx(deep.peak_rss_mb + 20.0)
 
 
 def test_legend_cost_reproduces_the_composed_prediction_for_uniform_plans() -> None:
