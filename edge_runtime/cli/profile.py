@@ -88,8 +88,10 @@ def format_table(d: dict[str, Any]) -> str:
                          f"{_fmt_s(m['composed_time_s']):>10} "
                          f"{_fmt_s(m['calibrated_time_s']):>10} {m['time_rel_error']:>7.1%} "
                          f"{m['peak_rss_mb']:>8.0f} {m['calibrated_peak_rss_mb']:>8.0f}")
-        lines.append(f"calibration: time x {cm['time_scale']:.3f}, memory slack "
-                     f"{cm['mem_slack_mb']} MB")
+        quick = d["measurements"].get("quick")
+        lines.append(f"calibration: time x {cm['time_scale']:.3f}"
+                     + (" (not calibrated in --quick)" if quick else "")
+                     + f", memory slack {cm['mem_slack_mb']} MB")
     b = d["budget"]
     lines.append("")
     lines.append(f"budget     {b['memory_budget_mb']:.0f} MB ({b['source']}); deadline "
