@@ -190,6 +190,10 @@ class DeviceAgent:
                     self.done_rounds.add(ann.round)
 
     def _on_ack(self, ack: Ack) -> None:
+        if ack.transfer_id == "register" and ack.status == "rejected":
+            log.error("%s: the aggregator refused this device: %s (%s)", self.cfg.device_id,
+                      ack.reason, ack.detail)
+            return
         if ack.transfer_id not in self.inflight:
             return
         self.inflight.pop(ack.transfer_id)

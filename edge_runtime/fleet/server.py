@@ -134,6 +134,10 @@ class AggregatorNode:
             refusal = svc.register(reg)
             log.info("device %s registered (%s)%s", dev, reg.device_class or "no class",
                      f": refused, {refusal}" if refusal else "")
+            if refusal:  # tell the device why it will never be selected
+                ack = Ack(dev, svc.round, "register", "rejected", refusal,
+                          f"device base {reg.fingerprint[:16]}, fleet base {svc.fingerprint[:16]}")
+                self.link.publish(self.topics.ack(dev), ack.to_bytes(), qos=1)
             return
         if pt.kind == "presence":
             try:
