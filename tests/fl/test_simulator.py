@@ -86,3 +86,16 @@ def test_cli_writes_metrics_and_rejects_bad_input(data_dir, tmp_path, capsys):
                  str(data_dir), "--out", str(tmp_path / "x")])
     assert code == 2 and "fewer than --clients" in capsys.readouterr().err
     assert main(["data", "pull", "imagenet"]) == 2
+
+
+def test_plot_is_written_when_matplotlib_is_there(tmp_path):
+    import importlib.util
+
+    from edge_runtime.cli.simulate import plot_metrics
+
+    rows = [{"round": i, "eval_loss": 3.0 - 0.1 * i, "bytes_up": 10, "bytes_down": 20,
+             "sim_time_s": 1.5 * i, "participants": 2} for i in range(3)]
+    ok = plot_metrics({"strategy": "hetlora", "rounds": rows}, tmp_path / "m.png")
+    assert ok == (importlib.util.find_spec("matplotlib") is not None)
+    if ok:
+        assert (tmp_path / "m.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
