@@ -6,6 +6,8 @@ Graph signature (B = 1):
              `m.lora_scale` (1,)
     outputs: logits (1, V) of the last position; present_key_i, present_value_i
              (1, KV, P + T, hd)
+(With quantization the LM head gets its own transposed weight so it is quantized too;
+the embedding table stays fp32 for the gather.)
 T, P and every r_m are symbolic, so one graph runs prefill, decode and adapters of any
 rank (zero factors with a zero scale = no adapter). The KV cache is explicit state: the
 runner feeds `present_*` back as `past_*`. Positions are P + arange(T).
@@ -63,9 +65,14 @@ class ConcatKVCache(nn.Module):
 class OnnxStep(nn.Module):
     """One step of the model with explicit KV state and LoRA factors as inputs."""
 
-    def __init__(self, model: CausalLM, slots: SlotShapes, max_seq_len: int) -> None:
+    def __init__(self, model: CausalLM, slots: SlotShapes, max_seq_len: int,
+                 untie_head: bool = False) -> None:
         super().__init__()
         self.model = model
+        # A tied LM head exports as Gemm(transB) on the embedding, which MatMulNBits
+        # cannot take; a separate (dim, V) copy makes it a plain MatMul the quantizer packs.
+        head_t = model.lm_head.weight.detach().t().contiguous().clone() if untie_head else None
+        self.register_buffer("head_t", head_t)  # (dim, V) or None
         model.setup_cache(1, max_seq_len)  # RoPE tables for max_seq_len positions
         self.caches = nn.ModuleList(ConcatKVCache() for _ in model.model.layers)
         for layer, cache in zip(model.model.layers, self.caches, strict=True):
@@ -88,7 +95,9 @@ class OnnxStep(nn.Module):
         for j, mod in enumerate(self.slots):
             mod.lora_a, mod.lora_b, mod.lora_scale = lora[3 * j], lora[3 * j + 1], lora[3 * j + 2]
         h = self.model.hidden_states(input_ids, input_pos)  # (1, T, dim)
-        logits = self.model.lm_head(h[:, -1, :])  # (1, V)
+        last = h[:, -1, :]  # (1, dim)
+        head_t = self.head_t
+        logits = last @ head_t if isinstance(head_t, torch.Tensor) else self.model.lm_head(last)
         presents: list[torch.Tensor] = []
         for cache in self.caches:
             assert isinstance(cache, ConcatKVCache)
@@ -119,7 +128,8 @@ def export_onnx(model: CausalLM, cfg: ExportConfig, out_dir: Path, slots: SlotSh
     from torch.export import Dim
 
     model.eval()
-    step = OnnxStep(model, slots, cfg.max_seq_len).eval()
+    step = OnnxStep(model, slots, cfg.max_seq_len,
+                    untie_head=cfg.quant is not ExportQuant.NONE).eval()
     mc = model.config
     n_layers = mc.n_layers
     ex_t, ex_p, ex_r = 2, 3, 2
