@@ -13,6 +13,8 @@ treat phone predictions as optimistic.
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,12 +22,13 @@ from pathlib import Path
 from edge_runtime.config import LoRAPlan
 from edge_runtime.profiler.chooser import Choice, search_plan
 from edge_runtime.profiler.cost_model import CostModel, Prediction, Workload
-from edge_runtime.profiler.profile_io import DeviceProfile, ProfileError, load_profile
+from edge_runtime.profiler.profile_io import SCHEMA, DeviceProfile, ProfileError, load_profile
 
 __all__ = ["profiles_dir", "declared_profiles", "speed_factor", "predict_on_device",
            "plan_for_device", "legend_cost_for_device"]
 
 ENV_DIR = "EDGE_RT_PROFILES"
+log = logging.getLogger(__name__)
 
 
 def profiles_dir() -> Path:
@@ -44,6 +47,13 @@ def declared_profiles(directory: str | Path | None = None) -> dict[str, DevicePr
                            "holding the declared device profiles (profiles/*.json)")
     out: dict[str, DeviceProfile] = {}
     for path in sorted(d.glob("*.json")):
+        try:
+            schema = json.loads(path.read_text()).get("schema")
+        except (OSError, ValueError, AttributeError):
+            schema = None
+        if schema != SCHEMA:
+            log.debug("skipping %s: not a device profile", path)
+            continue
         prof = load_profile(path)
         if prof.kind != "declared":
             continue

@@ -74,3 +74,20 @@ def test_plan_for_device_uses_its_budget_and_speed() -> None:
 def test_reference_without_cost_model_is_refused() -> None:
     with pytest.raises(ProfileError, match="no measured cost model"):
         speed_factor(DeviceProfile(name="empty"), declared_profiles()["rpi4-4gb"])
+
+
+def test_other_json_in_the_folder_is_skipped_but_a_broken_profile_is_not(tmp_path) -> None:
+    import json
+    import shutil
+
+    from edge_runtime.profiler.declared import profiles_dir
+
+    shutil.copy(profiles_dir() / "rpi4-4gb.json", tmp_path / "rpi4-4gb.json")
+    (tmp_path / "pi4.json").write_text(json.dumps({"rank": 4, "depth": 2}))
+    assert set(declared_profiles(tmp_path)) == {"rpi4-4gb"}
+    bad = json.loads((tmp_path / "rpi4-4gb.json").read_text())
+    bad["name"] = "broken"
+    del bad["figures"]["fp32_gflops"]
+    (tmp_path / "broken.json").write_text(json.dumps(bad))
+    with pytest.raises(ProfileError, match="broken.json"):
+        declared_profiles(tmp_path)
