@@ -34,16 +34,26 @@ T_INSTALL="${T_INSTALL:-5400}"
 T_STEP="${T_STEP:-900}"
 T_FLEET="${T_FLEET:-1200}"
 HOST_PY="${EDGE_RT_HOST_PYTHON:-python3}"
+# Where the fleet step's aggregator runs: "root" (arm64, emulated, next to the agent) or "host"
+# (x86_64, from the same copy of the checkout). The `tiny` model is drawn with torch.randn,
+# whose vectorized path gives different bits on x86_64 and aarch64, so a host aggregator
+# refuses an arm64 device's `tiny` (bad_fingerprint); real checkpoints (GGUF) match.
+AGG_WHERE="${EDGE_RT_AGGREGATOR_ON:-root}"
 
 usage() {
     cat <<EOF
-Usage: sudo $PROG [--cache DIR] [--steps LIST] [--cpu MODEL] [--rebuild]
+Usage: sudo $PROG [--cache DIR] [--steps LIST] [--cpu MODEL] [--aggregator-on root|host]
+                  [--rebuild]
 
   --cache DIR    where the arm64 root lives (default $CACHE; env EDGE_RT_ARM64_CACHE).
                  Never inside the repository.
   --steps LIST   comma-separated subset of: $ALL_STEPS (default: all)
   --cpu MODEL    CPU qemu emulates (default $QEMU_CPU_MODEL = Raspberry Pi 5's core;
                  env EDGE_RT_QEMU_CPU; cortex-a72 = Pi 4, max = everything qemu has)
+  --aggregator-on root|host
+                 fleet step: run the aggregator in the arm64 root (default) or on the host
+                 (env EDGE_RT_AGGREGATOR_ON; host needs a model that is bit-identical on
+                 both architectures, which 'tiny' is not yet)
   --rebuild      delete the cached root file system and build it again
 
 Env: T_ROOTFS, T_INSTALL, T_STEP, T_FLEET (timeouts, s); EDGE_RT_HOST_PYTHON (Python with
@@ -56,6 +66,7 @@ while [ $# -gt 0 ]; do
         --cache) CACHE="${2:?}"; shift 2 ;;
         --steps) STEPS="${2:?}"; shift 2 ;;
         --cpu) QEMU_CPU_MODEL="${2:?}"; shift 2 ;;
+        --aggregator-on) AGG_WHERE="${2:?}"; shift 2 ;;
         --rebuild) REBUILD=1; shift ;;
         -h|--help) usage; exit 0 ;;
         *) echo "$PROG: unknown option $1 (see --help)" >&2; exit 2 ;;
@@ -76,6 +87,7 @@ want() { case ",$STEPS," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
 [ "$(id -u)" -eq 0 ] || die "run as root (debootstrap, chroot and bind mounts need it)"
 [ "$(uname -m)" = x86_64 ] || say "host is $(uname -m), not x86_64: continuing, untested"
 case "$CACHE" in "$CHECKOUT"|"$CHECKOUT"/*) die "--cache must be outside the repository" ;; esac
+case "$AGG_WHERE" in root|host) ;; *) die "--aggregator-on must be root or host" ;; esac
 for s in ${STEPS//,/ }; do
     case ",$ALL_STEPS," in *",$s,"*) ;; *) die "unknown step '$s' (steps: $ALL_STEPS)" ;; esac
 done
@@ -261,8 +273,15 @@ with open(sys.argv[1], "w") as f:
 EOF
 }
 
-has_command() {  # has_command NAME: does the installed edge-rt in the root have this subcommand?
-    in_root "$EDGE_RT_IN" "$1" --help >/dev/null 2>&1
+# has_command NAME: does the installed edge-rt in the root have this subcommand? (Reads the
+# CLI's command list once; `edge-rt X --help` would import torch, ~45 s under emulation.)
+COMMANDS_IN=""
+has_command() {
+    if [ -z "$COMMANDS_IN" ]; then
+        COMMANDS_IN=" $(in_root "$HOME_IN/venv/bin/python" -c \
+            'from edge_runtime.cli import COMMANDS; print(*COMMANDS)' 2>/dev/null) "
+    fi
+    case "$COMMANDS_IN" in *" $1 "*) return 0 ;; *) return 1 ;; esac
 }
 
 run_install() {
@@ -294,16 +313,16 @@ run_cli_step() {  # run_cli_step NAME SUBCOMMAND ARGS...
 }
 
 # The fleet round: Mosquitto on the host's loopback with a password file (no anonymous
-# access), the aggregator on the host (x86_64, as a server would be), and the agent in the
-# arm64 root started the way a phone starts it: deploy/termux/agent-run.sh reading agent.env
+# access), the aggregator (in the arm64 root, or on the host with --aggregator-on host), and
+# the agent in the arm64 root started the way a phone starts it: deploy/termux/agent-run.sh reading agent.env
 # and the credentials file (the same files the Pi's systemd unit reads).
 run_fleet() {
     local port fleet="$CACHE/fleet" conf="$ROOT/etc/edge-runtime" pw
     if ! has_command agent; then
         record fleet 0.0 "FAIL (no 'edge-rt agent' command)"; return 1
     fi
-    if ! PYTHONPATH="$CHECKOUT" "$HOST_PY" -m edge_runtime aggregator --help >/dev/null 2>&1; then
-        record fleet 0.0 "FAIL (no 'edge-rt aggregator' on the host: $HOST_PY)"; return 1
+    if ! has_command aggregator; then
+        record fleet 0.0 "FAIL (no 'edge-rt aggregator' command)"; return 1
     fi
     port="$("$HOST_PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
     pw="$(head -c 18 /dev/urandom | base64 | tr -d '/+=')"
@@ -328,12 +347,21 @@ EOF_ENV
     (umask 077; printf 'EDGE_RT_MQTT_PASSWORD="%s"\n' "$pw" > "$conf/credentials")
 
     # One round with the one device; generous deadlines because the device is emulated.
-    EDGE_RT_MQTT_PASSWORD="$pw" PYTHONPATH="$CHECKOUT" timeout "$T_FLEET" "$HOST_PY" \
-        -m edge_runtime aggregator --broker "mqtt://127.0.0.1:$port" --username aggregator \
-        --model tiny --strategy hetlora --rounds 1 --min-clients 1 --local-steps 3 \
-        --batch-size 2 --seq-len 32 --round-timeout-s "$((T_FLEET - 60))" \
-        --wait-for-clients-s "$((T_FLEET - 60))" --state "$fleet/state" --out "$fleet/global" \
-        > "$LOGS/aggregator.log" 2>&1 &
+    local agg=(aggregator --broker "mqtt://127.0.0.1:$port" --username aggregator
+        --model tiny --strategy hetlora --rounds 1 --min-clients 1 --local-steps 3
+        --batch-size 2 --seq-len 32 --round-timeout-s "$((T_FLEET - 120))"
+        --wait-for-clients-s "$((T_FLEET - 120))")
+    if [ "$AGG_WHERE" = host ]; then
+        # The same snapshot of the code as the device, not the live checkout.
+        EDGE_RT_MQTT_PASSWORD="$pw" PYTHONPATH="$ROOT$SRC_IN" timeout "$T_FLEET" "$HOST_PY" \
+            -m edge_runtime "${agg[@]}" --state "$fleet/state" --out "$fleet/global" \
+            > "$LOGS/aggregator.log" 2>&1 &
+    else
+        timeout "$T_FLEET" "${IN_ROOT[@]}" EDGE_RT_MQTT_PASSWORD="$pw" "$EDGE_RT_IN" "${agg[@]}" \
+            --state "$WORK_IN/aggregator-state" --out "$WORK_IN/aggregator-global" \
+            > "$LOGS/aggregator.log" 2>&1 &
+    fi
+    say "aggregator ($AGG_WHERE) started, log $LOGS/aggregator.log"
     AGG_PID=$!
     local rc=0
     step fleet "$T_FLEET" "${IN_ROOT[@]}" "$HOME_IN/bin/edge-rt-agent-run" || rc=$?
