@@ -43,19 +43,26 @@ def test_demo_runs_and_writes_metrics_and_adapter(tmp_path: Path) -> None:
     assert adapter and all(w.lora_b.abs().sum() > 0 for w in adapter.values())
 
 
-def test_fleet_cli_bad_input_is_one_line_exit_2(tmp_path: Path) -> None:
+def test_fleet_cli_bad_input_is_one_line_exit_2(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    from edge_runtime.cli import main
+
     data = tmp_path / "d.jsonl"
     data.write_text('{"prompt": "a", "response": "b"}\n')
     cases = [
-        ("agent", "--broker", "http://x:1", "--device-id", "a", "--data", str(data)),
-        ("agent", "--broker", "mqtt://127.0.0.1:1", "--device-id", "a b", "--data", str(data)),
-        ("agent", "--broker", "mqtt://127.0.0.1:1", "--device-id", "a", "--data",
-         str(tmp_path / "missing.jsonl")),
-        ("aggregator", "--broker", "mqtt://127.0.0.1:1", "--state", str(tmp_path / "s"),
-         "--depth", "9"),
+        ["agent", "--broker", "http://x:1", "--device-id", "a", "--data", str(data)],
+        ["agent", "--broker", "mqtt://127.0.0.1:1", "--device-id", "a b", "--data", str(data)],
+        ["agent", "--broker", "mqtt://127.0.0.1:1", "--device-id", "a", "--data",
+         str(tmp_path / "missing.jsonl")],
+        ["aggregator", "--broker", "mqtt://127.0.0.1:1", "--state", str(tmp_path / "s"),
+         "--depth", "9"],
+        ["demo", "--clients", "0"],
     ]
     for args in cases:
-        r = _cli(*args)
-        assert r.returncode == 2, (args, r.stderr)
-        lines = [ln for ln in r.stderr.splitlines() if "error" in ln]
-        assert len(lines) == 1, r.stderr
+        try:
+            code = main(args)
+        except SystemExit as e:  # argparse rejects a bad flag value itself
+            code = int(e.code or 0)
+        err = capsys.readouterr().err
+        assert code == 2, (args, err)
+        assert len([ln for ln in err.splitlines() if "error" in ln]) == 1, err
