@@ -132,6 +132,10 @@ termux_main() {
     # Bind the checkout at the same path inside, so paths in messages and --source agree.
     local inner=(bash "$src_dir/scripts/install.sh")
     [ ${#ORIG_ARGS[@]} -gt 0 ] && inner+=("${ORIG_ARGS[@]}")
+    # proot-distro starts the guest with a clean environment: EDGE_RT_* settings go as flags.
+    inner+=(--torch-index "$TORCH_INDEX")
+    if [ -n "$EDGE_HOME" ]; then inner+=(--home "$EDGE_HOME"); fi
+    if [ -n "$SOURCE" ]; then inner+=(--source "$SOURCE"); fi
     say "re-running inside '$DISTRO': ${inner[*]}"
     exec proot-distro login "$DISTRO" --bind "$src_dir:$src_dir" -- "${inner[@]}"
 }
