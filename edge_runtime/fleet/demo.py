@@ -192,8 +192,18 @@ def run_demo(cfg: DemoConfig, mqtt: MqttConfig | None = None) -> dict[str, Any]:
         th.start()
         limit = cfg.join_timeout_s + cfg.rounds * (cfg.round_timeout_s * 4 + 30)
         end = time.monotonic() + limit
+        shown = False
         while th.is_alive() and time.monotonic() < end:
             th.join(0.5)
+            opened = svc.open
+            if not shown and opened is not None:  # what each device class was given
+                shown = True
+                for dev, pj in sorted(opened["plans"].items()):
+                    ranks = pj["ranks"]
+                    depth = len({n.split(".")[2] for n in ranks})
+                    _say(f"{dev} ({pj.get('device_class') or '?'}): LoRA rank "
+                         f"{max(ranks.values())} on the top {depth} blocks, "
+                         f"{len(ranks)} modules")
             dead = [p for p in procs if p.poll() not in (None, 0)]
             if dead and svc.round < cfg.rounds:
                 node.stop()
