@@ -60,7 +60,12 @@ def hf_config_to_model_config(cfg: dict[str, Any], where: str = "config.json") -
         raise CheckpointError(f"{where}: hidden_act {cfg['hidden_act']!r} is not supported")
     try:
         n_heads = int(cfg["num_attention_heads"])
-        rope_scaling = cfg.get("rope_scaling")
+        # transformers >= 5 writes `rope_parameters` {rope_theta, rope_type, ...}; older
+        # versions `rope_theta` and `rope_scaling` at the top level.
+        rope_params = dict(cfg.get("rope_parameters") or {})
+        rope_theta: float = float(cfg.get("rope_theta", rope_params.pop("rope_theta", 1e4)))
+        rope_params.pop("rope_theta", None)
+        rope_scaling = cfg.get("rope_scaling") or rope_params or None
         if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) == "default":
             rope_scaling = None
         return ModelConfig(
@@ -71,7 +76,7 @@ def hf_config_to_model_config(cfg: dict[str, Any], where: str = "config.json") -
             n_kv_heads=int(cfg.get("num_key_value_heads") or n_heads),
             hidden_dim=int(cfg["intermediate_size"]),
             norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(cfg.get("rope_theta", 10000.0)),
+            rope_theta=rope_theta,
             rope_scaling=rope_scaling,
             max_seq_len=int(cfg.get("max_position_embeddings", 2048)),
             tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),

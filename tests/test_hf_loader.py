@@ -124,3 +124,19 @@ def test_real_gguf_and_its_hf_folder_give_identical_logits(real_lm, real_hf_fold
     assert lm.tokenizer.encode(lm.tokenizer.chat_prompt(
         [{"role": "user", "content": "What is the capital of France?"}])) == ids
     assert torch.equal(_logits(lm.model, ids), _logits(real_lm.model, ids))
+
+
+def test_rope_parameters_of_transformers_5_are_read():
+    from edge_runtime.hf_loader import hf_config_to_model_config
+
+    base = {"architectures": ["LlamaForCausalLM"], "vocab_size": 8, "hidden_size": 16,
+            "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32}
+    llama3 = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+              "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    new = hf_config_to_model_config({**base, "rope_parameters": {"rope_theta": 5e5, **llama3}})
+    old = hf_config_to_model_config({**base, "rope_theta": 5e5, "rope_scaling": llama3})
+    assert new.rope_theta == old.rope_theta == 5e5
+    assert new.rope_scaling == old.rope_scaling == llama3
+    plain = hf_config_to_model_config(
+        {**base, "rope_parameters": {"rope_theta": 1e5, "rope_type": "default"}})
+    assert plain.rope_theta == 1e5 and plain.rope_scaling is None

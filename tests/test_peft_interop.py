@@ -142,3 +142,17 @@ def test_peft_adapter_loads_here(real_lm: LoadedModel, hf_folder: Path,
     set_adapter(ours.model, adapter)
     assert len(lora_modules(ours.model)) == 9
     torch.testing.assert_close(_ours(ours.model, ids), theirs, atol=TOL, rtol=0)
+
+
+def test_folder_written_by_transformers_loads_here(real_lm: LoadedModel, hf_folder: Path,
+                                                   hf_model: torch.nn.Module,
+                                                   tmp_path: Path) -> None:
+    out = tmp_path / "by_transformers"
+    hf_model.save_pretrained(str(out), max_shard_size="100MB")  # sharded safetensors
+    transformers.AutoTokenizer.from_pretrained(str(hf_folder)).save_pretrained(str(out))
+    assert (out / "model.safetensors.index.json").is_file()
+    lm = load_model(str(out))
+    assert lm.fingerprint == real_lm.fingerprint
+    ids = _prompt_ids(real_lm)
+    assert _prompt_ids(lm) == ids  # tokenizer and chat template as transformers saved them
+    torch.testing.assert_close(_ours(lm.model, ids), _theirs(hf_model, ids), atol=TOL, rtol=0)
