@@ -54,14 +54,23 @@ def main() -> int:
     ap.add_argument("--eval-max", type=int, default=48)
     ap.add_argument("--runs", default="fedavg-rmin,fedavg-rmax,hetlora,flexlora,sa-fedlora,legend")
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--table-only", action="store_true",
+                    help="print the table from the run JSONs already in --out")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     args.out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, dict] = {}
+    if args.table_only:
+        for run in args.runs.split(","):
+            path = args.out / f"{run}.json"
+            if path.is_file():
+                results[run] = json.loads(path.read_text())
+        _table(results, args)
+        return 0
     lm = load_model(args.model)
     classes = load_device_classes(CLASSES)
     train, test = load_client_data(args.data, args.clients, partition=args.partition, alpha=0.5,
                                    seed=0)
-    results: dict[str, dict] = {}
     for run in args.runs.split(","):
         strategy, rank = run, None
         if run == "fedavg-rmin":
@@ -78,6 +87,11 @@ def main() -> int:
         m["wall_s"] = time.monotonic() - t0
         results[run] = m
         (args.out / f"{run}.json").write_text(json.dumps(m, indent=1) + "\n")
+    _table(results, args)
+    return 0
+
+
+def _table(results: dict[str, dict], args: argparse.Namespace) -> None:
     base = next(iter(results.values()))["rounds"][0]["eval_loss"]
     best = min(m["rounds"][-1]["eval_loss"] for m in results.values())
     target = base - 0.5 * (base - best)
@@ -93,7 +107,6 @@ def main() -> int:
         print(f"| {run} | {m['rounds'][-1]['eval_loss']:.4f} | "
               f"{'-' if b is None else f'{b / 1e6:.1f}'} | {'-' if t is None else f'{t:.0f}'} | "
               f"{tot:.1f} | {m['rounds'][-1]['sim_time_s']:.0f} | {m['wall_s']:.0f} |")
-    return 0
 
 
 if __name__ == "__main__":
