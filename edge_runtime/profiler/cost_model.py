@@ -22,17 +22,17 @@ block, head and optimizer (`measure.py`); `time_scale` and `m_slack` come from w
 training steps measured end to end. Blocks below the lowest LoRA block build no autograd
 graph (`CausalLM.frozen_prefix`), which is where depth saves time and memory.
 
-m_act is fitted on the exact bytes autograd saves per trained block (saved-tensor
-hooks), times the allocator overhead measured on a stack of trained blocks (resident /
-exact, about 1.6-1.8 here), times ACTIVATION_GROWTH for heap fragmentation. The growth
-factor is empirical: with glibc's default (dynamic) mmap threshold a training process's
-peak keeps rising over its first steps as freed activation memory stays in the heap;
-measured here with the real trainer on SmolLM2-135M (int4, depth 19) the step's peak
-above the base went 860 -> 1049 MB over four steps, while steady-state resident
-activations ran at about 1.9x the exact bytes (fp32 depth 30, int8 depth 7 and 12,
-int4 depth 8 and 19). With MALLOC_MMAP_THRESHOLD_=65536 that growth disappears and the
-step memory drops by about 40%, at about 60% more CPU time per step (page faults on fresh
-mappings), so the predictions are conservative there.
+m_act is fitted on the resident memory a forward through a stack of trained blocks keeps
+until the backward, per block (with a fixed per-block part: quantized blocks leave their
+dequantization temporaries in the heap), times ACTIVATION_GROWTH. The exact bytes
+autograd saves (saved-tensor hooks) are recorded too: resident is 1.6x them for fp32
+blocks and about 2x for int8/int4 blocks at batch 4 x 128 here. The growth factor is
+empirical: with glibc's default (dynamic) mmap threshold a training process's peak keeps
+rising over its first steps as freed activation memory stays in the heap (measured here
+with the real trainer on SmolLM2-135M, int4, depth 19: the step's peak above the base
+went 860 -> 1049 MB over four steps). With MALLOC_MMAP_THRESHOLD_=65536 that growth
+disappears and the step memory drops by about 40%, at about 60% more CPU time per step
+(page faults on fresh mappings), so the predictions are conservative there.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ __all__ = [
 
 MB = float(1 << 20)
 # Growth of resident activation memory over a run's first steps (see module docstring).
-ACTIVATION_GROWTH = 1.15
+ACTIVATION_GROWTH = 1.1
 # fp32 parameter + gradient + AdamW exp_avg + exp_avg_sq
 BYTES_PER_LORA_PARAM = 16
 

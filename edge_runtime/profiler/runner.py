@@ -128,10 +128,6 @@ def run_profile(model: CausalLM, cfg: ProfileConfig, *, base_rss_mb: float,
         progress(f"AdamW step      params={opt[-1]['params']:<8} "
                  f"{opt[-1][tk] * 1e3:9.2f} ms")
 
-    # Allocator overhead on activations: resident / exact bytes on a stack of trained blocks.
-    ratios = sorted(m["retained_mb"] / m["saved_mb"] for m in train if m["saved_mb"] > 0)
-    act_overhead = min(3.0, max(1.0, ratios[len(ratios) // 2])) if ratios else 1.0
-    act_factor = act_overhead * ACTIVATION_GROWTH
     bf = ("1", "tokens", "attn")
     fits = {
         "block_forward_s": _fit(bf, [block_features(m["batch"], m["seq_len"]) for m in fwd],
@@ -143,9 +139,10 @@ def run_profile(model: CausalLM, cfg: ProfileConfig, *, base_rss_mb: float,
                        [m[tk] for m in head], "s"),
         "optimizer_s": _fit(("1", "params"), [optimizer_features(m["params"]) for m in opt],
                             [m[tk] for m in opt], "s"),
-        "block_act_mb": _fit(("tokens", "attn", "rank_tokens"),
+        "block_act_mb": _fit(bf + ("rank_tokens",),
                              [block_features(m["batch"], m["seq_len"], m["rank_width"])
-                              for m in train], [m["saved_mb"] * act_factor for m in train], "MB",
+                              for m in train],
+                             [m["retained_mb"] * ACTIVATION_GROWTH for m in train], "MB",
                              _MEM_FLOOR_MB),
         "block_transient_mb": _fit(bf, [block_features(m["batch"], m["seq_len"]) for m in fwd],
                                    [m["transient_mb"] for m in fwd], "MB", _MEM_FLOOR_MB),
@@ -153,8 +150,8 @@ def run_profile(model: CausalLM, cfg: ProfileConfig, *, base_rss_mb: float,
                         [m["peak_delta_mb"] for m in head], "MB", _MEM_FLOOR_MB),
     }
     fits["block_act_mb"].notes.append(
-        f"exact saved-tensor bytes x allocator overhead {act_overhead:.2f} (median resident/"
-        f"exact on a stack of trained blocks) x growth {ACTIVATION_GROWTH}")
+        f"resident memory kept per trained block on a stack of trained blocks x growth "
+        f"{ACTIVATION_GROWTH}; exact saved-tensor bytes are in measurements.block_train")
     cost = CostModel(shape, cfg.quant.value, fits, base_rss_mb, load_peak_rss_mb,
                      gemm_gflops=gflops, time_basis=cfg.time_basis)
 

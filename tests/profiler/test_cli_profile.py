@@ -30,6 +30,7 @@ def test_profile_then_train_with_its_plan(tmp_path: Path, capsys: pytest.Capture
     prof = load_profile(out)
     assert prof.cost_model is not None and prof.workload is not None
     assert prof.cost_model.fits["block_act_mb"].n_points == 6
+    assert "growth" in prof.cost_model.fits["block_act_mb"].notes[0]
     pred = prof.cost_model.predict(plan, prof.workload)
     assert pred.step_time_s == pytest.approx(raw["prediction"]["step_time_s"], rel=1e-3)
     assert pred.peak_rss_mb <= 4000
