@@ -72,3 +72,32 @@ def test_shipped_config_tls_password_and_acl(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_a_round_runs_under_the_shipped_acl(tmp_path: Path) -> None:
+    """The protocol needs nothing the ACL forbids: aggregator and devices with passwords."""
+    from edge_runtime.fleet.demo import write_demo_data
+
+    from .conftest import Mosquitto
+    from .helpers import Runner, make_agent, make_service, start_aggregator
+
+    users = {"aggregator": "agg-pw", "pi-01": "pw1", "pi-02": "pw2"}
+    m = Mosquitto(tmp_path, users=users, acl=(DEPLOY / "aclfile").read_text())
+    m.start()
+    try:
+        files, _ = write_demo_data(tmp_path / "data", 2)
+        svc = make_service(tmp_path / "state", rounds=1, min_clients=2, timeout_s=60)
+        _, agg = start_aggregator(svc, MqttConfig(url=m.url, username="aggregator",
+                                                  password="agg-pw"))
+        agents = [make_agent(MqttConfig(url=m.url, username=d, password=users[d]), d, files[i],
+                             tmp_path / d) for i, d in enumerate(("pi-01", "pi-02"))]
+        runs = [Runner(lambda a=a: a.run(timeout_s=120), a.cfg.device_id)  # type: ignore[misc]
+                for a in agents]
+        assert agg.join(130) == 1
+        assert [r.join(30) for r in runs] == [1, 1]
+        assert sorted(svc.metrics[0]["accepted"]) == ["pi-01", "pi-02"]
+        assert all(a.final_applied for a in agents)
+    finally:
+        m.stop()
