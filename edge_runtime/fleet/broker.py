@@ -8,9 +8,9 @@ client is away) and session take-over by client id. A client that asks for MQTT 
 refused with return code 1 ("unacceptable protocol version"), which paho-mqtt turns into
 reason 132 so the client can fall back to 3.1.1.
 
-Not a production broker: no TLS, no ACLs, no in-flight retransmission (delivery relies on
-TCP; the fleet protocol's application-level acks recover anything lost). Production
-fleets use Mosquitto (deploy/mosquitto/) or a clustered broker.
+QoS 1/2 messages a client has not acknowledged are re-sent (DUP) when its persistent
+session resumes. Not a production broker: no TLS, no ACLs, messages live in memory only.
+Production fleets use Mosquitto (deploy/mosquitto/) or a clustered broker.
 """
 
 from __future__ import annotations
@@ -114,6 +114,8 @@ class _Session:
     queued: collections.deque[_Message] = field(default_factory=lambda: collections.deque(maxlen=10000))
     conn: _Conn | None = None
     next_pid: int = 0
+    # QoS>0 messages sent but not yet acknowledged; re-sent (DUP) when the session resumes
+    inflight: dict[int, _Message] = field(default_factory=dict)
 
     def pid(self) -> int:
         self.next_pid = self.next_pid % 65535 + 1
@@ -292,6 +294,10 @@ class EmbeddedBroker:
         conn.session = session
         self.sessions[client_id] = session
         await self._send(conn, bytes([CONNACK << 4, 2, 1 if present else 0, 0]))
+        if not present:
+            session.inflight.clear()
+        for pid, msg in list(session.inflight.items()):  # unacknowledged before the drop
+            await self._write_publish(session, conn, msg, pid, retain=False, dup=True)
         while session.queued:
             await self._deliver(session, session.queued.popleft(), retain=False)
         return True
@@ -334,9 +340,11 @@ class EmbeddedBroker:
             conn.qos2_in.discard(pid)
             await self._send(conn, bytes([PUBCOMP << 4, 2]) + struct.pack("!H", pid))
         elif ptype == PUBREC:  # we sent QoS 2: acknowledge the flow
-            await self._send(conn, bytes([PUBREL << 4 | 2, 2]) + struct.pack("!H", r.u16()))
+            pid = r.u16()
+            await self._send(conn, bytes([PUBREL << 4 | 2, 2]) + struct.pack("!H", pid))
         elif ptype in (PUBACK, PUBCOMP):
-            pass  # no in-flight tracking (see module docstring)
+            if conn.session is not None:
+                conn.session.inflight.pop(r.u16(), None)
         elif ptype == SUBSCRIBE:
             await self._on_subscribe(conn, r)
         elif ptype == UNSUBSCRIBE:
@@ -400,9 +408,19 @@ class EmbeddedBroker:
             if msg.qos > 0:
                 session.queued.append(msg)
             return
-        var = _str(msg.topic) + (struct.pack("!H", session.pid()) if msg.qos else b"")
+        pid = 0
+        if msg.qos:
+            pid = session.pid()
+            if len(session.inflight) < 65000:
+                session.inflight[pid] = msg
+        await self._write_publish(session, conn, msg, pid, retain=retain, dup=False)
+
+    async def _write_publish(self, session: _Session, conn: _Conn, msg: _Message, pid: int, *,
+                             retain: bool, dup: bool) -> None:
+        var = _str(msg.topic) + (struct.pack("!H", pid) if msg.qos else b"")
         body_len = len(var) + len(msg.payload)
-        header = bytes([PUBLISH << 4 | msg.qos << 1 | int(retain)]) + _encode_len(body_len)
+        flags = msg.qos << 1 | int(retain) | (0x08 if dup else 0)
+        header = bytes([PUBLISH << 4 | flags]) + _encode_len(body_len)
         self._count(msg.topic, 0, len(header) + body_len)
         conn.writer.write(header + var)
         conn.writer.write(msg.payload)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import time
 
 import paho.mqtt.client as mqtt
@@ -119,3 +120,56 @@ def test_link_speaks_v5_to_mosquitto_and_resubscribes_after_restart(mosquitto) -
     assert got and got[0].payload == b"ok"
     pub.close()
     sub.close()
+
+
+def _raw_connect(port: int, client_id: str) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    cid = client_id.encode()
+    var = b"\x00\x04MQTT\x04\x00\x00\x3c"  # level 4, flags: clean session 0, keepalive 60
+    body = var + len(cid).to_bytes(2, "big") + cid
+    s.sendall(bytes([0x10, len(body)]) + body)
+    assert s.recv(4)[:2] == b"\x20\x02"  # CONNACK
+    return s
+
+
+def _read_packet(s: socket.socket) -> tuple[int, bytes]:
+    first = s.recv(1)[0]
+    n, mult = 0, 1
+    while True:
+        b = s.recv(1)[0]
+        n += (b & 0x7F) * mult
+        mult *= 128
+        if not b & 0x80:
+            break
+    body = b""
+    while len(body) < n:
+        body += s.recv(n - len(body))
+    return first, body
+
+
+def test_unacked_qos1_is_resent_with_dup_when_the_session_resumes() -> None:
+    with EmbeddedBroker() as broker:
+        s = _raw_connect(broker.port, "raw")
+        topic = b"r/t"
+        sub = b"\x00\x01" + len(topic).to_bytes(2, "big") + topic + b"\x01"
+        s.sendall(bytes([0x82, len(sub)]) + sub)
+        assert _read_packet(s)[0] == 0x90  # SUBACK
+        pub = MqttLink(MqttConfig(url=f"mqtt://127.0.0.1:{broker.port}"), "p", [])
+        pub.connect(10)
+        pub.publish_wait("r/t", b"payload")
+        first, body = _read_packet(s)
+        assert first & 0xF0 == 0x30 and (first >> 1) & 3 == 1 and not first & 0x08
+        assert body.endswith(b"payload")
+        s.close()  # gone without a PUBACK
+        s2 = _raw_connect(broker.port, "raw")
+        first2, body2 = _read_packet(s2)
+        assert first2 & 0x08 and body2 == body  # same packet id and payload, DUP set
+        pid = body2[2 + len(topic):4 + len(topic)]
+        s2.sendall(b"\x40\x02" + pid)  # PUBACK: now it is delivered
+        s2.close()
+        s3 = _raw_connect(broker.port, "raw")
+        s3.settimeout(0.5)
+        with pytest.raises(socket.timeout):
+            _read_packet(s3)
+        s3.close()
+        pub.close()
