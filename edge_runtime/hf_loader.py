@@ -62,9 +62,9 @@ def hf_config_to_model_config(cfg: dict[str, Any], where: str = "config.json") -
         n_heads = int(cfg["num_attention_heads"])
         # transformers >= 5 writes `rope_parameters` {rope_theta, rope_type, ...}; older
         # versions `rope_theta` and `rope_scaling` at the top level.
-        rope_params = dict(cfg.get("rope_parameters") or {})
-        rope_theta: float = float(cfg.get("rope_theta", rope_params.pop("rope_theta", 1e4)))
-        rope_params.pop("rope_theta", None)
+        rope_params: dict[str, Any] = dict(cfg.get("rope_parameters") or {})
+        theta_default: Any = rope_params.pop("rope_theta", 10000.0)
+        rope_theta = float(cfg.get("rope_theta", theta_default))
         rope_scaling = cfg.get("rope_scaling") or rope_params or None
         if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) == "default":
             rope_scaling = None
