@@ -56,6 +56,8 @@ def hf_config_to_model_config(cfg: dict[str, Any], where: str = "config.json") -
         )
     if cfg.get("mlp_bias"):
         raise CheckpointError(f"{where}: mlp_bias=true is not supported")
+    if cfg.get("use_sliding_window"):
+        raise CheckpointError(f"{where}: use_sliding_window=true is not supported")
     if cfg.get("hidden_act", "silu") != "silu":
         raise CheckpointError(f"{where}: hidden_act {cfg['hidden_act']!r} is not supported")
     try:

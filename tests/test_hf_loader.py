@@ -12,6 +12,7 @@ from edge_runtime.checkpoints import load_model
 from edge_runtime.errors import CheckpointError
 from edge_runtime.hf_loader import save_hf_folder
 from edge_runtime.model import CausalLM, ModelConfig
+from edge_runtime.tokenizer import Tokenizer
 
 TOKENS = [257, 72, 105, 33, 258, 10, 1, 2, 3, 200, 255, 256, 319]
 
@@ -140,3 +141,43 @@ def test_rope_parameters_of_transformers_5_are_read():
     plain = hf_config_to_model_config(
         {**base, "rope_parameters": {"rope_theta": 1e5, "rope_type": "default"}})
     assert plain.rope_theta == 1e5 and plain.rope_scaling is None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["qwen2", "llama3-rope"])
+def test_random_transformers_models_match(tmp_path, arch):
+    """Independent reference: small random models built and saved by transformers."""
+    import transformers
+
+    common = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  rms_norm_eps=1e-6)
+    torch.manual_seed(0)
+    if arch == "qwen2":
+        cfg = transformers.Qwen2Config(**common, rope_theta=1e6, tie_word_embeddings=True)
+        ref = transformers.Qwen2ForCausalLM(cfg)
+    else:
+        cfg = transformers.LlamaConfig(**common, tie_word_embeddings=False, rope_scaling={
+            "rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
+        ref = transformers.LlamaForCausalLM(cfg)
+    with torch.no_grad():  # make biases and norms non-trivial
+        for name, p in ref.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.normal_(1.0 if "norm" in name else 0.0, 0.1)
+    ref.eval().save_pretrained(str(tmp_path))
+    Tokenizer.tiny().save(tmp_path)
+    lm = load_model(str(tmp_path))
+    assert lm.model.config.attention_bias == (arch == "qwen2")
+    tokens = list(range(0, 300, 2))  # 150 positions: long enough for scaled RoPE to matter
+    with torch.no_grad():
+        theirs = ref(input_ids=torch.tensor([tokens])).logits[0]
+    torch.testing.assert_close(_logits(lm.model, tokens), theirs, atol=1e-4, rtol=0)
+
+
+def test_sliding_window_is_refused(tmp_path, tiny_lm):
+    folder = _folder(tmp_path, tiny_lm)
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "use_sliding_window": True}))
+    with pytest.raises(CheckpointError, match="use_sliding_window"):
+        load_model(str(folder))
