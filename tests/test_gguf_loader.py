@@ -331,3 +331,17 @@ def test_pre_tokenizers_split_as_their_models_do(tmp_path, write_gguf, pre, piec
                                    pre=pre)))
     split = lm.tokenizer.backend.pre_tokenizer.pre_tokenize_str("Hello  world's 12345!\n\n")
     assert [p for p, _ in split] == pieces
+
+
+@pytest.mark.parametrize("theta,hd,factor,low,high,orig", [
+    (500000.0, 128, 8.0, 1.0, 4.0, 8192),  # Llama 3.1 8B
+    (500000.0, 64, 32.0, 1.0, 4.0, 8192),  # Llama 3.2 1B
+])
+def test_llama3_parameters_of_released_models_are_recovered(theta, hd, factor, low, high, orig):
+    from edge_runtime.gguf_rope import llama3_scaling_from_freq_factors
+
+    got = llama3_scaling_from_freq_factors(
+        _llama3_divisors(theta, hd, factor, low, high, orig), theta, hd, orig)
+    assert got["factor"] == factor
+    assert got["low_freq_factor"] == pytest.approx(low, abs=1e-3)
+    assert got["high_freq_factor"] == pytest.approx(high, abs=1e-3)
