@@ -120,8 +120,9 @@ def dequantize_tensor(t: Any) -> np.ndarray:
     arr = dequantize(t.data, qtype)
     if arr.size != int(np.prod(shape)):
         raise CheckpointError(f"GGUF tensor {t.name}: {arr.size} values for shape {shape}")
-    # F32 data is a read-only memmap: copy before handing it to torch.
-    return np.array(arr.reshape(shape), dtype=np.float32, copy=True)
+    # F32 data is a read-only view of the memory map: copied here (requirement "W");
+    # dequantized types are fresh arrays and pass through without a copy.
+    return np.require(arr.reshape(shape), dtype=np.float32, requirements=["C", "W"])
 
 
 def _hf_tensors(reader: Any, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
