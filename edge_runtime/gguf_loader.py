@@ -1,7 +1,8 @@
 """Load a Llama-family GGUF file (llama.cpp's format) into `CausalLM` + `Tokenizer`.
 
-Architectures: `llama` (SmolLM2, Llama 2/3) and `qwen2` (q/k/v biases). Tensors are
-dequantized to fp32 with `gguf.quants.dequantize`. GGUF lists shapes fastest-dim first
+Architectures: `llama` (SmolLM2, Llama 2/3) and `qwen2` (q/k/v biases). The header is
+parsed by `gguf_file.read_gguf`; tensors are dequantized to fp32 one at a time with
+`gguf.quants.dequantize` and streamed into the model (`state_io.load_weights`). GGUF lists shapes fastest-dim first
 (`token_embd` is [dim, vocab] in the file), so arrays come back as (vocab, dim) rows.
 
 llama.cpp's converter (`convert_hf_to_gguf.py`, `LlamaModel.permute`) reorders the rows
