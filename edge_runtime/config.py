@@ -101,9 +101,11 @@ class LoRAPlan:
         if self.alpha <= 0:
             raise ConfigError(f"alpha must be positive, got {self.alpha}")
         self.layer_ranks = {int(k): int(v) for k, v in self.layer_ranks.items()}
-        for layer, r in {**self.layer_ranks, **self.module_ranks}.items():
+        overrides: list[tuple[str, int]] = [(f"layer {k}", v) for k, v in self.layer_ranks.items()]
+        overrides += list(self.module_ranks.items())
+        for where, r in overrides:
             if r <= 0:
-                raise ConfigError(f"rank for {layer} must be positive, got {r}")
+                raise ConfigError(f"rank for {where} must be positive, got {r}")
 
     def layers(self, n_layers: int) -> list[int]:
         """Indices of the blocks that carry LoRA (the top `depth`)."""

@@ -97,7 +97,10 @@ class LoRALinear(nn.Module):
 
 
 def _in_out(base: nn.Module) -> tuple[int, int]:
-    return int(base.in_features), int(base.out_features)
+    d_in = base.in_features
+    d_out = base.out_features
+    assert isinstance(d_in, int) and isinstance(d_out, int), "LoRA wraps linear layers only"
+    return d_in, d_out
 
 
 def apply_lora(model: CausalLM, plan: LoRAPlan) -> dict[str, LoRALinear]:

@@ -125,6 +125,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class KVCache(nn.Module):
     """Static KV cache: buffers (B, n_kv_heads, max_seq_len, head_dim), written at `input_pos`."""
 
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+
     def __init__(self, batch: int, max_seq_len: int, n_kv_heads: int, head_dim: int,
                  dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
@@ -221,6 +224,9 @@ class CausalLM(nn.Module):
     needs a gradient, so its activations are not kept and its backward never runs.
     """
 
+    rope_cos: torch.Tensor  # (S, head_dim)
+    rope_sin: torch.Tensor
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
@@ -240,16 +246,20 @@ class CausalLM(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         self._rope_len = length
 
+    def blocks(self) -> list[Block]:
+        """The decoder blocks, typed."""
+        return [b for b in self.model.layers if isinstance(b, Block)]
+
     # --- KV cache -------------------------------------------------------------
     def setup_cache(self, batch: int, max_seq_len: int, dtype: torch.dtype = torch.float32) -> None:
         """Give every attention a static KV cache of `max_seq_len` positions."""
         self._ensure_rope(max_seq_len)
-        for layer in self.model.layers:
+        for layer in self.blocks():
             attn = layer.self_attn
             attn.kv_cache = KVCache(batch, max_seq_len, attn.n_kv_heads, attn.head_dim, dtype)
 
     def clear_cache(self) -> None:
-        for layer in self.model.layers:
+        for layer in self.blocks():
             layer.self_attn.kv_cache = None
 
     # --- forward --------------------------------------------------------------
@@ -262,7 +272,7 @@ class CausalLM(nn.Module):
             cos, sin = self.rope_cos[:seqlen], self.rope_sin[:seqlen]
         else:
             cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]  # (T, hd)
-        layers = self.model.layers
+        layers = self.blocks()
         split = self.frozen_prefix if torch.is_grad_enabled() else 0
         ctx = torch.no_grad() if split > 0 else contextlib.nullcontext()
         with ctx:

@@ -38,6 +38,11 @@ class _DequantMatmul(torch.autograd.Function):
 class QuantLinear(nn.Module):
     """A frozen linear layer with int8 or int4 weights. Same call contract as `nn.Linear`."""
 
+    qweight: torch.Tensor  # int8 (out, in) or uint8 (out, in/2), two nibbles per byte
+    scale: torch.Tensor  # (out,) for int8, (out, in/group) for int4
+    zero: torch.Tensor | None  # (out, in/group) group minimum for int4
+    bias: torch.Tensor | None
+
     def __init__(self, linear: nn.Linear, mode: QuantMode, group_size: int = INT4_GROUP) -> None:
         super().__init__()
         if mode is QuantMode.NONE:
@@ -80,6 +85,7 @@ class QuantLinear(nn.Module):
         if self.mode is QuantMode.INT8:
             return (self.qweight.to(dtype) * self.scale[:, None].to(dtype))
         p = self.qweight
+        assert self.zero is not None
         q = torch.stack([p & 0x0F, p >> 4], dim=-1).view(self.out_features, -1)  # (out, in)
         g = q.view(self.out_features, -1, self.group_size).to(dtype)
         w = g * self.scale[..., None].to(dtype) + self.zero[..., None].to(dtype)

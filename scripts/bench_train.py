@@ -45,8 +45,8 @@ def child_ours(model: str, quant: str, depth: int, steps: int) -> dict:
 
     from edge_runtime.checkpoints import load_model
     from edge_runtime.config import LoRAPlan, QuantMode
-    from edge_runtime.losses import token_loss_sum
     from edge_runtime.lora import apply_lora
+    from edge_runtime.losses import token_loss_sum
 
     torch.set_num_threads(os.cpu_count() or 1)
     loaded = load_model(model, QuantMode.parse(quant))

@@ -20,10 +20,10 @@ fi
 # torch must still be the pinned CPU build after the extras resolved.
 "$PY" -c "import torch, sys; v = torch.__version__; print('torch', v, file=sys.stderr); sys.exit(v.split('+')[0] != '$TORCH_VERSION')"
 
-if ! command -v mosquitto >/dev/null 2>&1; then
+if ! command -v mosquitto >/dev/null 2>&1 || ! command -v openssl >/dev/null 2>&1; then
   if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
     DEBIAN_FRONTEND=noninteractive apt-get update -q >/dev/null
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q mosquitto mosquitto-clients >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q mosquitto mosquitto-clients openssl >/dev/null
   else
     echo "note: mosquitto not found; install it (sudo apt-get install mosquitto mosquitto-clients) for the broker tests" >&2
   fi

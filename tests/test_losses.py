@@ -5,8 +5,8 @@ import torch.nn.functional as F
 
 from edge_runtime.config import LoRAPlan
 from edge_runtime.data import IGNORE
-from edge_runtime.losses import count_label_tokens, token_loss_sum
 from edge_runtime.lora import apply_lora, lora_modules
+from edge_runtime.losses import count_label_tokens, token_loss_sum
 from edge_runtime.model import CausalLM, ModelConfig
 
 

@@ -231,7 +231,7 @@ class DeviceAgent:
             self.done_rounds.add(ann.round)
             return
         reg = strategy.regularizer(start, plan, ann.round)
-        res = train(model, self.loaded.tokenizer, self.examples, tcfg,  # type: ignore[arg-type]
+        res = train(model, self.loaded.tokenizer, self.examples, tcfg,
                     regularizer=reg, deadline=time.monotonic() + left - margin)
         update = strategy.finish_local(start, get_adapter(model), plan)
         meta = {"fingerprint": self.loaded.fingerprint, "n_samples": len(self.examples),

@@ -39,7 +39,7 @@ def make_evaluator(loaded: LoadedModel, examples: list[Example], seq_len: int = 
     def evaluate(adapter: Adapter) -> float:
         remove_lora(loaded.model)
         set_adapter(loaded.model, adapter, create=True)
-        return round(eval_loss(loaded.model, loaded.tokenizer, examples,  # type: ignore[arg-type]
+        return round(eval_loss(loaded.model, loaded.tokenizer, examples,
                                seq_len=seq_len), 6)
 
     return evaluate

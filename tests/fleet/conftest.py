@@ -40,7 +40,8 @@ class Mosquitto:
     def __init__(self, workdir: Path, *, users: dict[str, str] | None = None,
                  acl: str | None = None, message_size_limit: int = 0) -> None:
         if MOSQUITTO is None:
-            pytest.skip("mosquitto is not installed (apt-get install mosquitto)")
+            pytest.fail("mosquitto is not installed: run `bash scripts/setup.sh` as root, or "
+                        "apt-get install mosquitto mosquitto-clients")
         self.workdir = workdir
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
