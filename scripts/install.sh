@@ -283,6 +283,8 @@ install_service() {
             --user-group edge-rt
     }
     as_root install -d -m 0750 -o root -g edge-rt /etc/edge-runtime
+    # The unit's StateDirectory; made now so data and the model can be put there first.
+    as_root install -d -m 0750 -o edge-rt -g edge-rt /var/lib/edge-runtime
     if as_root test -e /etc/edge-runtime/agent.env; then
         say "/etc/edge-runtime/agent.env exists; kept"
     else
@@ -352,7 +354,8 @@ main() {
     smoke_test
     say "done. edge-rt is $VENV/bin/edge-rt; try: $VENV/bin/edge-rt profile tiny --quick"
     if [ "$WITH_BROKER" -eq 1 ]; then
-        say "Mosquitto installed; broker set-up for a fleet: docs/DEVICES.md"
+        say "Mosquitto installed. For a fleet (passwords, ACL, TLS on 8883) follow the commands"
+        say "at the top of $CHECKOUT/deploy/mosquitto/mosquitto.conf (docs/PROTOCOL.md, Brokers)."
     fi
 }
 
