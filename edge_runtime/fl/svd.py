@@ -47,18 +47,26 @@ def factored_svd(b_stack: torch.Tensor, a_stack: torch.Tensor, k: int | None = N
                  dtype: torch.dtype = torch.float64) -> SVDResult:
     """Exact SVD of b_stack @ a_stack without forming it. b (d_out, R), a (R, d_in).
 
+    Householder QR of both stacks (`geqrf`), SVD of the small core R_b R_a^T, and the top
+    k left/right vectors mapped back by applying the reflectors (`ormqr`) instead of
+    forming the (d_out, R) and (d_in, R) Q factors: O((d_out + d_in) R (R + k)).
     Returns the top k (all if None) triplets, in `dtype`.
     """
     b = b_stack.to(dtype)
-    a = a_stack.to(dtype)
-    qb, rb = torch.linalg.qr(b)  # (d_out, m), (m, R)
-    qa, ra = torch.linalg.qr(a.t())  # (d_in, m'), (m', R)
-    core = rb @ ra.t()  # (m, m')
+    a_t = a_stack.to(dtype).t().contiguous()  # (d_in, R)
+    hb, tau_b = torch.geqrf(b)  # reflectors below the diagonal, R_b on and above it
+    ha, tau_a = torch.geqrf(a_t)
+    mb, ma = min(b.shape), min(a_t.shape)
+    core = torch.triu(hb[:mb]) @ torch.triu(ha[:ma]).t()  # (mb, ma)
     uc, s, vch = torch.linalg.svd(core, full_matrices=False)
     k = s.shape[0] if k is None else min(k, s.shape[0])
-    u = qb @ uc[:, :k]  # (d_out, k)
-    vh = vch[:k] @ qa.t()  # (k, d_in)
-    return SVDResult(u, s[:k], vh, "factored")
+    pad_u = torch.zeros(b.shape[0], k, dtype=dtype)
+    pad_u[:mb] = uc[:, :k]
+    pad_v = torch.zeros(a_t.shape[0], k, dtype=dtype)
+    pad_v[:ma] = vch[:k].t()
+    u = torch.ormqr(hb, tau_b, pad_u)  # Q_b [uc_k; 0]: (d_out, k)
+    v = torch.ormqr(ha, tau_a, pad_v)  # Q_a [vc_k; 0]: (d_in, k)
+    return SVDResult(u, s[:k], v.t(), "factored")
 
 
 def dense_svd(d: torch.Tensor, k: int | None = None) -> SVDResult:

@@ -18,14 +18,21 @@ def _weighted_dense(ups, name):
     return sum((u.num_samples / n) * u.adapter[name].delta() for u in ups)
 
 
-def test_factored_svd_equals_numpy_svd():
+@pytest.mark.parametrize("case", ["generic", "duplicated", "wide_stack"])
+def test_factored_svd_equals_numpy_svd(case):
     gen = torch.Generator().manual_seed(0)
-    b = torch.randn(50, 9, generator=gen, dtype=torch.float64)
-    a = torch.randn(9, 70, generator=gen, dtype=torch.float64)
+    r = 60 if case == "wide_stack" else 9  # R above d_out = 50: reduced QR on one side
+    b = torch.randn(50, r, generator=gen, dtype=torch.float64)
+    a = torch.randn(r, 70, generator=gen, dtype=torch.float64)
+    if case == "duplicated":  # two clients sent the same factors: a rank-deficient stack
+        b, a = torch.cat([b, b], 1), torch.cat([a, a], 0)
     res = factored_svd(b, a)
     s_np = np.linalg.svd((b @ a).numpy(), compute_uv=False)
-    np.testing.assert_allclose(res.s.numpy(), s_np[:9], rtol=1e-10)
-    torch.testing.assert_close((res.u * res.s) @ res.vh, b @ a, rtol=1e-10, atol=1e-10)
+    k = min(res.s.shape[0], 9 if case != "wide_stack" else 50)
+    np.testing.assert_allclose(res.s.numpy()[:k], s_np[:k], rtol=1e-9)
+    torch.testing.assert_close((res.u * res.s) @ res.vh, b @ a, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(res.u.t() @ res.u, torch.eye(res.u.shape[1], dtype=b.dtype),
+                               rtol=0, atol=1e-10)
 
 
 @pytest.mark.parametrize("mode", ["factored", "auto", "streaming"])
