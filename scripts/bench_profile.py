@@ -82,7 +82,7 @@ def child(args: argparse.Namespace) -> int:
     _reset_hwm()
     c0 = time.process_time()
     # Tokenizer vs the TokenizerLike protocol: a read-only attribute mypy flags (lead's types).
-    result = train(loaded.model, loaded.tokenizer, examples, cfg)  # type: ignore[arg-type]
+    result = train(loaded.model, loaded.tokenizer, examples, cfg)
     cpu = time.process_time() - c0
     out = {"load_peak_rss_mb": load_peak, "base_rss_mb": base, "train_peak_rss_mb": _read_hwm_mb(),
            "process_peak_rss_mb": result.peak_rss_mb, "steps": result.steps,

@@ -45,7 +45,7 @@ def main() -> int:
     adapter = load_adapter_for_export(args.adapter, manifest) if args.adapter else None
     runner = open_runner(args.export, adapter)
     tok = loaded.tokenizer
-    ids = tok.encode(format_prompt(tok, args.prompt))  # type: ignore[arg-type]
+    ids = tok.encode(format_prompt(tok, args.prompt))
     model = loaded.model.eval()
     with torch.no_grad():
         model.setup_cache(1, len(ids))

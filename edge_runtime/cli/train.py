@@ -33,24 +33,30 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--packing", action="store_true", help="pack rows into full sequences")
     p.add_argument("--time-budget-s", type=positive_float,
                    help="stop cleanly before this many seconds of training")
+    p.add_argument("--threads", type=positive_int,
+                   help="torch CPU threads (default: the profile's, else torch's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     p.add_argument("--out", required=True, metavar="DIR", help="adapter folder to write")
     p.set_defaults(func=run)
 
 
+def read_profile(path_text: str) -> dict:
+    path = Path(path_text)
+    try:
+        profile = json.loads(path.read_text())
+        dict(profile["plan"])
+    except FileNotFoundError:
+        raise UserError(f"profile {path} does not exist; run `edge-rt profile` first") from None
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        raise UserError(f"profile {path} has no valid 'plan'; regenerate it with "
+                        "`edge-rt profile MODEL --out FILE`") from None
+    return dict(profile)
+
+
 def plan_from_args(args: argparse.Namespace, n_layers: int) -> LoRAPlan:
     """The LoRA plan: the profile's, with explicit flags taking precedence."""
-    base: dict = {}
-    if args.profile:
-        path = Path(args.profile)
-        try:
-            base = dict(json.loads(path.read_text())["plan"])
-        except FileNotFoundError:
-            raise UserError(f"profile {path} does not exist; run `edge-rt profile` first") from None
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise UserError(f"profile {path} has no valid 'plan'; regenerate it with "
-                            "`edge-rt profile MODEL --out FILE`") from None
+    base: dict = dict(read_profile(args.profile)["plan"]) if args.profile else {}
     if args.rank is not None:
         base["rank"] = args.rank
         base.pop("layer_ranks", None)
@@ -70,6 +76,8 @@ def plan_from_args(args: argparse.Namespace, n_layers: int) -> LoRAPlan:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from edge_runtime.adapter_io import save_adapter
     from edge_runtime.data import load_jsonl
     from edge_runtime.lora import apply_lora, get_adapter
@@ -78,6 +86,12 @@ def run(args: argparse.Namespace) -> int:
     cfg = TrainConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size,
                       seq_len=args.seq_len, grad_accum=args.grad_accum,
                       time_budget_s=args.time_budget_s, seed=args.seed, packing=args.packing)
+    threads = args.threads
+    if threads is None and args.profile:
+        # Train at the thread count the profile was measured with: its times assume it.
+        threads = read_profile(args.profile).get("device", {}).get("torch_threads")
+    if threads:
+        torch.set_num_threads(int(threads))
     examples = load_jsonl(args.data)
     loaded = load_from_args(args)
     plan = plan_from_args(args, loaded.model.config.n_layers)
