@@ -55,10 +55,13 @@ def tiny_config() -> ModelConfig:
 
 
 def tiny_model(seed: int = TINY_SEED) -> CausalLM:
-    """The `tiny` model: weights drawn from N(0, 0.02) by a seeded generator, norms at 1.
+    """The `tiny` model: weights uniform with std 0.02 from a seeded generator, norms at 1.
 
     Drawn tensor by tensor in sorted name order from one explicit `torch.Generator`,
-    so it is the same on every machine and does not depend on nn.Linear's init.
+    so it does not depend on nn.Linear's init. `torch.rand` (not `randn`, whose
+    vectorised kernel gives different bits on x86_64 and arm64) keeps it bit-identical
+    across architectures, so an x86 aggregator and an arm64 device agree on its
+    fingerprint.
     """
     model = CausalLM(tiny_config())
     gen = torch.Generator().manual_seed(seed)
@@ -67,7 +70,8 @@ def tiny_model(seed: int = TINY_SEED) -> CausalLM:
             if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
                 p.fill_(1.0)
             else:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+                half_width = 0.02 * 3**0.5  # U(-a, a) has std a / sqrt(3)
+                p.copy_((torch.rand(p.shape, generator=gen) * 2 - 1) * half_width)
     return model
 
 
