@@ -5,7 +5,9 @@ forward + backward + AdamW update on a batch of 4 x 128 tokens, LoRA rank 8 on q
 Anchor: the same step in PEFT + transformers (LlamaForCausalLM, fp32, all 30 blocks),
 installed by this script if missing (torch is left as it is).
 
-    python scripts/bench_train.py [--model smollm2-135m] [--steps 3] [--out bench_train.json]
+    python scripts/bench_train.py [--model smollm2-135m] [--steps 3] [--threads N]
+
+"x anchor" for time is on CPU seconds (robust to other load on the machine at 1 thread).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ def batch_tokens(vocab: int):
     return torch.randint(100, vocab - 100, (BATCH, SEQ), generator=g)
 
 
-def child_ours(model: str, quant: str, depth: int, steps: int) -> dict:
+def child_ours(model: str, quant: str, depth: int, steps: int, threads: int) -> dict:
     import torch
 
     from edge_runtime.checkpoints import load_model
@@ -48,7 +50,7 @@ def child_ours(model: str, quant: str, depth: int, steps: int) -> dict:
     from edge_runtime.lora import apply_lora
     from edge_runtime.losses import token_loss_sum
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(threads)
     loaded = load_model(model, QuantMode.parse(quant))
     m = loaded.model
     n_layers = m.config.n_layers
@@ -58,43 +60,45 @@ def child_ours(model: str, quant: str, depth: int, steps: int) -> dict:
     labels = ids.clone()
     opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
     base = rss_mb()
-    times = []
+    times, cpu = [], []
     for i in range(steps + 1):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         s, n = token_loss_sum(m, ids, labels)
         (s / n).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         if i > 0:  # the first step is warm-up
             times.append(time.perf_counter() - t)
+            cpu.append(time.process_time() - c)
     return {"impl": "edge-runtime", "quant": quant, "depth": depth,
-            "step_s": statistics.median(times), "peak_rss_mb": peak_mb(),
+            "step_s": statistics.median(times), "cpu_s": statistics.median(cpu), "peak_rss_mb": peak_mb(),
             "step_extra_mb": peak_mb() - base, "loaded_rss_mb": base}
 
 
-def child_peft(hf_dir: str, steps: int) -> dict:
+def child_peft(hf_dir: str, steps: int, threads: int) -> dict:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
 
-    torch.set_num_threads(os.cpu_count() or 1)
-    m = LlamaForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32)
-    m = get_peft_model(m, LoraConfig(r=RANK, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+    torch.set_num_threads(threads)
+    base = LlamaForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32)
+    m = get_peft_model(base, LoraConfig(r=RANK, lora_alpha=16, target_modules=["q_proj", "v_proj"],
                                      lora_dropout=0.0))
     ids = batch_tokens(m.config.vocab_size)
     opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
     base = rss_mb()
-    times = []
+    times, cpu = [], []
     for i in range(steps + 1):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         out = m(input_ids=ids, labels=ids)
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         if i > 0:
             times.append(time.perf_counter() - t)
+            cpu.append(time.process_time() - c)
     return {"impl": "peft+transformers", "quant": "none", "depth": m.config.num_hidden_layers,
-            "step_s": statistics.median(times), "peak_rss_mb": peak_mb(),
+            "step_s": statistics.median(times), "cpu_s": statistics.median(cpu), "peak_rss_mb": peak_mb(),
             "step_extra_mb": peak_mb() - base, "loaded_rss_mb": base}
 
 
@@ -121,6 +125,8 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--out", default="bench_train.json")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                    help="torch threads per run (CPU seconds are robust to other load at 1)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--impl", default="ours", help=argparse.SUPPRESS)
     ap.add_argument("--quant", default="none", help=argparse.SUPPRESS)
@@ -128,8 +134,8 @@ def main() -> None:
     ap.add_argument("--hf-dir", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
-        res = (child_peft(a.hf_dir, a.steps) if a.impl == "peft"
-               else child_ours(a.model, a.quant, a.depth, a.steps))
+        res = (child_peft(a.hf_dir, a.steps, a.threads) if a.impl == "peft"
+               else child_ours(a.model, a.quant, a.depth, a.steps, a.threads))
         print(json.dumps(res))
         return
 
@@ -140,19 +146,20 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         save_hf_folder(load_model(a.model), Path(tmp))
-        anchor = run_child(["--impl", "peft", "--hf-dir", tmp, "--steps", str(a.steps)])
+        anchor = run_child(["--impl", "peft", "--hf-dir", tmp, "--steps", str(a.steps),
+                            "--threads", str(a.threads)])
     rows.append(anchor)
     for quant in ("none", "int8", "int4"):
         for depth in (0, 8, 4):
             rows.append(run_child(["--model", a.model, "--quant", quant, "--depth", str(depth),
-                                   "--steps", str(a.steps)]))
+                                   "--steps", str(a.steps), "--threads", str(a.threads)]))
     print(f"one LoRA step, batch {BATCH} x {SEQ} tokens, rank {RANK} on q,v, "
-          f"{os.cpu_count()} threads; anchor = PEFT + transformers fp32, all blocks")
-    print(f"{'impl':<18} {'quant':<5} {'depth':>5} {'s/step':>8} {'x anchor':>9} "
+          f"{a.threads} threads; anchor = PEFT + transformers fp32, all blocks")
+    print(f"{'impl':<18} {'quant':<5} {'depth':>5} {'wall s':>7} {'CPU s':>7} {'x anchor':>9} "
           f"{'peak MB':>8} {'x anchor':>9} {'step +MB':>9}")
     for r in rows:
-        print(f"{r['impl']:<18} {r['quant']:<5} {r['depth']:>5} {r['step_s']:>8.3f} "
-              f"{r['step_s'] / anchor['step_s']:>9.2f} {r['peak_rss_mb']:>8.0f} "
+        print(f"{r['impl']:<18} {r['quant']:<5} {r['depth']:>5} {r['step_s']:>7.2f} "
+              f"{r['cpu_s']:>7.2f} {r['cpu_s'] / anchor['cpu_s']:>9.2f} {r['peak_rss_mb']:>8.0f} "
               f"{r['peak_rss_mb'] / anchor['peak_rss_mb']:>9.2f} {r['step_extra_mb']:>9.0f}")
     Path(a.out).write_text(json.dumps(rows, indent=1))
 
