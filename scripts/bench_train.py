@@ -81,8 +81,8 @@ def child_peft(hf_dir: str, steps: int, threads: int) -> dict:
     from transformers import LlamaForCausalLM
 
     torch.set_num_threads(threads)
-    base = LlamaForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32)
-    m = get_peft_model(base, LoraConfig(r=RANK, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+    hf_model = LlamaForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32)
+    m = get_peft_model(hf_model, LoraConfig(r=RANK, lora_alpha=16, target_modules=["q_proj", "v_proj"],
                                      lora_dropout=0.0))
     ids = batch_tokens(m.config.vocab_size)
     opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
