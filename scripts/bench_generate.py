@@ -17,14 +17,14 @@ import sys
 import time
 
 
-def child(model: str, quant: str, prefill: int, decode: int) -> dict:
+def child(model: str, quant: str, prefill: int, decode: int, threads: int) -> dict:
     import torch
 
     from edge_runtime.checkpoints import load_model
     from edge_runtime.config import QuantMode
     from edge_runtime.quant import resident_bytes
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(threads)
     loaded = load_model(model, QuantMode.parse(quant))
     m = loaded.model.eval()
     g = torch.Generator().manual_seed(0)
@@ -51,22 +51,24 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--prefill", type=int, default=128)
     ap.add_argument("--decode", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
-        print(json.dumps(child(a.model, a.child, a.prefill, a.decode)))
+        print(json.dumps(child(a.model, a.child, a.prefill, a.decode, a.threads)))
         return
     rows = []
     for quant in ("none", "int8", "int4"):
         out = subprocess.run([sys.executable, __file__, "--model", a.model, "--child", quant,
-                              "--prefill", str(a.prefill), "--decode", str(a.decode)],
+                              "--prefill", str(a.prefill), "--decode", str(a.decode),
+                              "--threads", str(a.threads)],
                              capture_output=True, text=True, check=False)
         if out.returncode != 0:
             raise SystemExit(out.stderr[-3000:])
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     base = rows[0]
     print(f"eager torch, {a.model}, prefill {a.prefill} tokens, decode {a.decode} tokens, "
-          f"{os.cpu_count()} threads; baseline = fp32 base")
+          f"{a.threads} threads; baseline = fp32 base")
     print(f"{'quant':<6} {'prefill tok/s':>14} {'decode tok/s':>13} {'x fp32':>7} "
           f"{'weights MB':>11} {'peak RSS MB':>12}")
     for r in rows:
