@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -11,7 +12,7 @@ from edge_runtime.config import GenerateConfig
 from edge_runtime.data import TokenizerLike, format_prompt
 from edge_runtime.model import CausalLM
 
-__all__ = ["GenerationResult", "generate_ids", "generate", "sample_next"]
+__all__ = ["GenerationResult", "decode_loop", "generate_ids", "generate", "sample_next"]
 
 
 @dataclass
@@ -41,34 +42,50 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None,
     return int(torch.multinomial(probs, 1, generator=gen))
 
 
+StepFn = Callable[[list[int], int], torch.Tensor]
+
+
+def decode_loop(step: StepFn, prompt_ids: list[int], cfg: GenerateConfig, stop_ids: set[int]
+                ) -> tuple[list[int], float, float]:
+    """Prefill then sample until a stop token or `cfg.max_new_tokens`, with any backend.
+
+    `step(ids, start_pos)` feeds `ids` at positions start_pos.. and returns the (V,)
+    logits after the last one (the eager model, or an exported program's runner).
+    Returns the new token ids (stop token excluded), prefill and decode seconds.
+    """
+    gen = torch.Generator().manual_seed(cfg.seed)
+    t0 = time.perf_counter()
+    logits = step(prompt_ids, 0)
+    t1 = time.perf_counter()
+    out: list[int] = []
+    pos = len(prompt_ids)
+    for _ in range(cfg.max_new_tokens):
+        nxt = sample_next(logits, cfg.temperature, cfg.top_k, gen)
+        if nxt in stop_ids:
+            break
+        out.append(nxt)
+        if len(out) == cfg.max_new_tokens:
+            break
+        logits = step([nxt], pos)
+        pos += 1
+    return out, t1 - t0, time.perf_counter() - t1
+
+
 @torch.no_grad()
 def generate_ids(model: CausalLM, prompt_ids: list[int], cfg: GenerateConfig,
                  stop_ids: set[int]) -> tuple[list[int], float, float]:
-    """New token ids after `prompt_ids` (stop token excluded), prefill and decode seconds."""
+    """New token ids after `prompt_ids` with the eager model and its static KV cache."""
     model.eval()
-    total = len(prompt_ids) + cfg.max_new_tokens
-    model.setup_cache(1, total)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    model.setup_cache(1, len(prompt_ids) + cfg.max_new_tokens)
+
+    def step(ids: list[int], start: int) -> torch.Tensor:
+        positions = torch.arange(start, start + len(ids))
+        return model(torch.tensor([ids]), positions)[0, -1]
+
     try:
-        t0 = time.perf_counter()
-        ids = torch.tensor([prompt_ids])
-        logits = model(ids, torch.arange(len(prompt_ids)))[0, -1]
-        t1 = time.perf_counter()
-        out: list[int] = []
-        pos = len(prompt_ids)
-        for _ in range(cfg.max_new_tokens):
-            nxt = sample_next(logits, cfg.temperature, cfg.top_k, gen)
-            if nxt in stop_ids:
-                break
-            out.append(nxt)
-            if len(out) == cfg.max_new_tokens:
-                break
-            logits = model(torch.tensor([[nxt]]), torch.tensor([pos]))[0, -1]
-            pos += 1
-        t2 = time.perf_counter()
+        return decode_loop(step, prompt_ids, cfg, stop_ids)
     finally:
         model.clear_cache()
-    return out, t1 - t0, t2 - t1
 
 
 def generate(model: CausalLM, tokenizer: TokenizerLike, prompt: str, cfg: GenerateConfig

@@ -13,7 +13,6 @@ Runtime gets the factors as inputs at their own rank.
 from __future__ import annotations
 
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -25,7 +24,7 @@ from edge_runtime.adapter import Adapter
 from edge_runtime.config import GenerateConfig
 from edge_runtime.data import format_prompt
 from edge_runtime.errors import ConfigError
-from edge_runtime.generate import sample_next
+from edge_runtime.generate import decode_loop
 from edge_runtime.tokenizer import Tokenizer
 from exporters.export import ONNX_ADAPTER, ExportFolderError, read_manifest
 from exporters.transforms import SlotShapes, slot_tensors
@@ -170,7 +169,7 @@ def generate_ids(runner: Runner, prompt_ids: list[int], cfg: GenerateConfig,
                  stop_ids: set[int]) -> tuple[list[int], float, float]:
     """New token ids after `prompt_ids` (stop token excluded), prefill and decode seconds.
 
-    The same loop as `edge_runtime.generate.generate_ids`, with `runner.step` as the model.
+    The loop is `edge_runtime.generate.decode_loop`, with `runner.step` as the model.
     """
     limit = int(runner.manifest["max_seq_len"])
     if len(prompt_ids) + cfg.max_new_tokens > limit:
@@ -179,23 +178,7 @@ def generate_ids(runner: Runner, prompt_ids: list[int], cfg: GenerateConfig,
             f"the export's --max-seq-len {limit}; shorten them or re-export with a larger one"
         )
     runner.reset()
-    gen = torch.Generator().manual_seed(cfg.seed)
-    t0 = time.perf_counter()
-    logits = runner.step(prompt_ids, 0)
-    t1 = time.perf_counter()
-    out: list[int] = []
-    pos = len(prompt_ids)
-    for _ in range(cfg.max_new_tokens):
-        nxt = sample_next(logits, cfg.temperature, cfg.top_k, gen)
-        if nxt in stop_ids:
-            break
-        out.append(nxt)
-        if len(out) == cfg.max_new_tokens:
-            break
-        logits = runner.step([nxt], pos)
-        pos += 1
-    t2 = time.perf_counter()
-    return out, t1 - t0, t2 - t1
+    return decode_loop(runner.step, prompt_ids, cfg, stop_ids)
 
 
 @torch.no_grad()
