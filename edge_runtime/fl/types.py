@@ -14,6 +14,7 @@ client's scale `alpha / r`, so the client's product equals the global one.
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -136,13 +137,14 @@ class Strategy(Protocol):
                   round_index: int = 0) -> Adapter: ...
 
 
-class StrategyBase:
+class StrategyBase(abc.ABC):
     """Defaults: no local regulariser, upload what was trained, batch = fold the accumulator."""
 
     name = "base"
 
+    @abc.abstractmethod
     def distribute(self, global_adapter: Adapter, plan: ClientPlan) -> Adapter:
-        raise NotImplementedError
+        """The adapter a client of this plan starts the round from."""
 
     def regularizer(self, start: Adapter, plan: ClientPlan,
                     round_index: int) -> Regularizer | None:
@@ -151,8 +153,9 @@ class StrategyBase:
     def finish_local(self, start: Adapter, trained: Adapter, plan: ClientPlan) -> Adapter:
         return trained
 
+    @abc.abstractmethod
     def accumulator(self, global_adapter: Adapter, round_index: int = 0) -> Accumulator:
-        raise NotImplementedError
+        """A running aggregate for one round, fed update by update."""
 
     def aggregate(self, global_adapter: Adapter, updates: Iterable[ClientUpdate],
                   round_index: int = 0) -> Adapter:
