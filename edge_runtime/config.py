@@ -7,9 +7,16 @@ export) add their dataclasses here.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+import types
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, TypeVar
 
 from edge_runtime.errors import ConfigError
+
+E = TypeVar("E", bound=enum.Enum)
+T = TypeVar("T")
 
 __all__ = [
     "LORA_TARGETS",
@@ -30,6 +37,17 @@ LORA_TARGETS: dict[str, str] = {
     "up": "up_proj",
     "down": "down_proj",
 }
+
+
+def _enum(cls: type[E], value: object, what: str) -> E:
+    """`value` as a member of the Enum `cls`, or a ConfigError listing the choices."""
+    if isinstance(value, cls):
+        return value
+    try:
+        return cls(value)
+    except ValueError:
+        choices = ", ".join(str(m.value) for m in cls)  # type: ignore[attr-defined]
+        raise ConfigError(f"{what} {value!r} is not one of: {choices}") from None
 
 
 class QuantMode(str, enum.Enum):
@@ -224,6 +242,16 @@ class HetLoRAConfig:
             raise ConfigError(f"hetlora r_min must be positive, got {self.r_min}")
 
 
+class FlexMode(str, enum.Enum):
+    """How FlexLoRA forms the truncated SVD of the aggregated product."""
+
+    AUTO = "auto"
+    FACTORED = "factored"
+    STREAMING = "streaming"
+    RANDOMIZED = "randomized"
+    FULL = "full"
+
+
 @dataclass
 class FlexLoRAConfig:
     """FlexLoRA (Bai et al., arXiv 2402.11505) aggregation mode and truncated-SVD settings.
@@ -240,16 +268,14 @@ class FlexLoRAConfig:
         seed: seed of the random test matrix.
     """
 
-    mode: str = "auto"
+    mode: FlexMode = FlexMode.AUTO
     oversample: int = 16
     power_tol: float = 1e-6
     max_power_iters: int = 40
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.mode not in ("auto", "factored", "streaming", "randomized", "full"):
-            raise ConfigError(f"flexlora mode {self.mode!r} unknown; choose auto, factored, "
-                              "streaming, randomized or full")
+        self.mode = _enum(FlexMode, self.mode, "flexlora mode")
         if self.oversample < 0 or self.max_power_iters < 0 or self.power_tol <= 0:
             raise ConfigError("flexlora oversample/max_power_iters must be >= 0, power_tol > 0")
 
@@ -266,6 +292,8 @@ class SAFedLoRAConfig:
         cool_rounds: final rounds held at the end value ("cooling").
         final_fraction: end budget as a fraction of the start budget.
         r_min: each module keeps at least this many components.
+        b0: the starting total rank budget; None: the sum of the global adapter's ranks at
+            round 0 (the server fixes it when a run starts and persists it with the run).
     """
 
     rounds: int = 10
@@ -275,6 +303,7 @@ class SAFedLoRAConfig:
     cool_rounds: int = 2
     final_fraction: float = 0.25
     r_min: int = 1
+    b0: int | None = None
 
     def __post_init__(self) -> None:
         if self.rounds <= 0:
@@ -288,6 +317,8 @@ class SAFedLoRAConfig:
                               f"{self.final_fraction}")
         if self.r_min <= 0:
             raise ConfigError(f"sa-fedlora r_min must be positive, got {self.r_min}")
+        if self.b0 is not None and self.b0 <= 0:
+            raise ConfigError(f"sa-fedlora b0 must be positive, got {self.b0}")
 
 
 @dataclass
@@ -295,19 +326,21 @@ class LegendConfig:
     """LEGEND (Liu et al., arXiv 2412.20004) planning: deadline and rank range.
 
     Attributes:
-        deadline_s: common round deadline every device's predicted time must fit.
+        deadline_s: common round deadline every device's predicted time must fit; None:
+            the fleet's round timeout (in simulation: the smallest deadline that keeps
+            every device, the slowest at depth 1 and rank r_min).
         r_min: rank of the lowest LoRA block.
         r_max: rank of the top block (ranks grow linearly toward the output).
         min_depth: depth below which a device is not selected (it cannot help).
     """
 
-    deadline_s: float = 60.0
+    deadline_s: float | None = None
     r_min: int = 4
     r_max: int = 16
     min_depth: int = 1
 
     def __post_init__(self) -> None:
-        if self.deadline_s <= 0:
+        if self.deadline_s is not None and self.deadline_s <= 0:
             raise ConfigError(f"legend deadline must be positive, got {self.deadline_s}")
         if not 0 < self.r_min <= self.r_max:
             raise ConfigError(f"legend needs 0 < r_min <= r_max, got {self.r_min}, {self.r_max}")
@@ -315,7 +348,7 @@ class LegendConfig:
             raise ConfigError(f"legend min_depth must be positive, got {self.min_depth}")
 
 
-__all__ += ["HetLoRAConfig", "FlexLoRAConfig", "SAFedLoRAConfig", "LegendConfig"]
+__all__ += ["HetLoRAConfig", "FlexLoRAConfig", "FlexMode", "SAFedLoRAConfig", "LegendConfig"]
 
 
 @dataclass
@@ -377,16 +410,25 @@ class MqttConfig:
                           "or mqtts://HOST:PORT")
 
 
+class Compression(str, enum.Enum):
+    """Tensor encoding of adapters on the wire."""
+
+    FP32 = "fp32"
+    FP16 = "fp16"
+    INT8 = "int8"
+
+
 @dataclass
 class FleetConfig:
-    """Aggregator settings for federated rounds over MQTT.
+    """How rounds run: how many, who is selected, deadlines and limits on updates.
 
     Attributes:
-        strategy: fedavg | hetlora | flexlora | sa-fedlora | legend.
         rounds: number of merged rounds to run.
         min_clients: a round closes early once all selected devices reported; at the
             deadline it merges if at least this many updates were accepted, else retries.
-        max_clients: at most this many devices are selected per round (0 = all).
+        max_clients: at most this many devices are selected per round (0 = no cap).
+        fraction: share of the eligible devices selected per round (then capped by
+            max_clients); the draw is seeded by the run's seed and the round.
         round_timeout_s: seconds from announcement to deadline.
         max_update_bytes: transfers declaring or sending more are rejected (oversize).
         max_update_norm: bound on ||scale * B A||_F of any module of an update.
@@ -395,39 +437,38 @@ class FleetConfig:
         wait_for_clients_s: before round 0, wait up to this long for min_clients to register.
     """
 
-    strategy: str = "fedavg"
     rounds: int = 3
     min_clients: int = 1
     max_clients: int = 0
+    fraction: float = 1.0
     round_timeout_s: float = 60.0
     max_update_bytes: int = 64 << 20
     max_update_norm: float = 1e4
     chunk_size: int = 64 * 1024
-    compression: str = "fp32"
+    compression: Compression = Compression.FP32
     wait_for_clients_s: float = 120.0
 
     def __post_init__(self) -> None:
-        strategies = ("fedavg", "hetlora", "flexlora", "sa-fedlora", "legend")
-        if self.strategy not in strategies:
-            raise ConfigError(f"unknown strategy {self.strategy!r}; choose one of "
-                              f"{', '.join(strategies)}")
+        self.compression = _enum(Compression, self.compression, "fleet.compression")
         if self.rounds <= 0:
             raise ConfigError(f"rounds must be positive, got {self.rounds}; pass --rounds 3")
         if self.min_clients <= 0:
             raise ConfigError(f"min-clients must be positive, got {self.min_clients}")
         if self.max_clients < 0:
             raise ConfigError(f"max-clients must be >= 0, got {self.max_clients}")
+        if not 0.0 < self.fraction <= 1.0:
+            raise ConfigError(f"fleet.fraction must be in (0, 1], got {self.fraction}")
         if self.round_timeout_s <= 0:
             raise ConfigError(f"round timeout must be positive, got {self.round_timeout_s}")
         if not 1024 <= self.chunk_size <= 256 * 1024:
             raise ConfigError(f"chunk size must be in [1 KiB, 256 KiB], got {self.chunk_size}")
-        if self.compression not in ("fp32", "fp16", "int8"):
-            raise ConfigError(f"compression must be fp32, fp16 or int8, got {self.compression!r}")
         if self.max_update_bytes <= 0 or self.max_update_norm <= 0:
             raise ConfigError("max update bytes and norm must be positive")
+        if self.wait_for_clients_s <= 0:
+            raise ConfigError(f"wait_for_clients_s must be positive, got {self.wait_for_clients_s}")
 
 
-__all__ += ["MqttConfig", "FleetConfig"]
+__all__ += ["MqttConfig", "FleetConfig", "Compression"]
 
 
 # --- Profiler (edge_runtime/profiler) ------------------------------------------------------
@@ -497,72 +538,428 @@ class ProfileConfig:
 __all__ += ["ProfileConfig"]
 
 
+# --- The run: one nested config for `simulate`, `aggregator` and `demo` ---------------------
+
+def lora_module_name(layer: int, target: str) -> str:
+    """The one module-name rule: `model.layers.{layer}.{self_attn|mlp}.{target}` (HF/PEFT)."""
+    parent = "self_attn" if target in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+    return f"model.layers.{layer}.{parent}.{target}"
+
+
+class StrategyName(str, enum.Enum):
+    FEDAVG = "fedavg"
+    HETLORA = "hetlora"
+    FLEXLORA = "flexlora"
+    SA_FEDLORA = "sa-fedlora"
+    LEGEND = "legend"
+
+
 @dataclass
-class SimulateConfig:
-    """In-process fleet simulation (`edge-rt simulate`): fleet, rates, local training.
+class FedAvgConfig:
+    """Homogeneous LoRA / FedAvg (McMahan et al. 2017): no settings of its own."""
+
+
+StrategySettings = FedAvgConfig | HetLoRAConfig | FlexLoRAConfig | SAFedLoRAConfig | LegendConfig
+
+STRATEGY_SETTINGS: dict[StrategyName, type] = {
+    StrategyName.FEDAVG: FedAvgConfig,
+    StrategyName.HETLORA: HetLoRAConfig,
+    StrategyName.FLEXLORA: FlexLoRAConfig,
+    StrategyName.SA_FEDLORA: SAFedLoRAConfig,
+    StrategyName.LEGEND: LegendConfig,
+}
+
+
+@dataclass
+class StrategyConfig:
+    """A strategy's name and its typed settings, server and client part alike.
+
+    This is what the round announcement carries to every device (`to_json`), so a device
+    never rebuilds a strategy from its name with default settings.
+    """
+
+    name: StrategyName = StrategyName.HETLORA
+    settings: StrategySettings | None = None
+
+    def __post_init__(self) -> None:
+        self.name = _enum(StrategyName, self.name, "strategy")
+        want = STRATEGY_SETTINGS[self.name]
+        if self.settings is None:
+            self.settings = want()
+        elif not isinstance(self.settings, want):
+            raise ConfigError(f"strategy {self.name.value} needs {want.__name__} settings, got "
+                              f"{type(self.settings).__name__}")
+
+    def to_json(self) -> dict:
+        return {"name": self.name.value, **to_jsonable(self.settings)}
+
+    @classmethod
+    def from_json(cls, d: dict, section: str = "strategy") -> StrategyConfig:
+        """Parse `{"name": ..., setting: value, ...}`; a setting of another strategy is refused."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"{section} must be a table/object, got {type(d).__name__}")
+        rest = dict(d)
+        name = _enum(StrategyName, rest.pop("name", cls.name), f"{section}.name")
+        want = STRATEGY_SETTINGS[name]
+        own = {f.name for f in fields(want)}
+        for key in rest:
+            if key in own:
+                continue
+            others = [n.value for n, c in STRATEGY_SETTINGS.items()
+                      if key in {f.name for f in fields(c)}]
+            if others:
+                raise ConfigError(f"{section}.{key} is a setting of {' / '.join(others)}, not of "
+                                  f"{name.value}; remove it or set {section}.name = "
+                                  f"\"{others[0]}\"")
+        return cls(name, from_dict(want, rest, section))
+
+
+class Transport(str, enum.Enum):
+    """How a simulated fleet's messages move: in this process, or through an MQTT broker."""
+
+    INPROC = "inproc"
+    MQTT = "mqtt"
+
+
+@dataclass
+class ModelSpec:
+    """The base model: a GGUF path, an HF folder, a pulled name (smollm2-135m) or `tiny`."""
+
+    name: str = "tiny"
+    quant: QuantMode = QuantMode.NONE
+
+    def __post_init__(self) -> None:
+        self.quant = _enum(QuantMode, self.quant, "model.quant")
+        if not self.name:
+            raise ConfigError("model.name is empty; pass --model tiny or a GGUF path")
+
+
+@dataclass
+class AdapterSpec:
+    """The global adapter's extent and the fleet's rank range.
 
     Attributes:
-        strategy: fedavg | hetlora | flexlora | sa-fedlora | legend.
-        clients, rounds: fleet size and number of rounds.
-        fraction: share of clients selected per round.
-        dropout: probability a selected client never reports.
-        straggler: probability a selected client computes `straggler_slowdown` x slower.
-        device_classes: declared profile names (profiles/*.json); clients cycle through them.
-        r_min, r_max: rank range; classes get ranks from r_min (slowest) to r_max (fastest).
-        rank: the homogeneous rank of fedavg (default r_max).
-        depth: LoRA depth of non-LEGEND clients (0 = every block).
-        deadline_s: round deadline in simulated seconds; late updates are dropped. None:
-            wait for every client (LEGEND then plans against the slowest client's time
-            at depth 1, rank r_min).
-        uplink_mbps, downlink_mbps: link rates for the simulated transfer times.
+        r_max: rank of the global adapter (the largest any device gets).
+        r_min: the smallest rank a device class gets (simulation: classes ramp r_min to
+            r_max by speed); also HetLoRA's pruning floor and LEGEND's ramp start unless
+            their own settings say otherwise.
+        depth: LoRA on the top `depth` blocks of the global adapter; 0 = every block;
+            None = the top min(4, blocks).
+        targets: module names inside a block.
+        alpha: LoRA alpha (a module's scale is alpha / its rank).
+    """
+
+    r_max: int = 8
+    r_min: int = 2
+    depth: int | None = None
+    targets: tuple[str, ...] = ("q_proj", "v_proj")
+    alpha: float = 16.0
+
+    def __post_init__(self) -> None:
+        self.targets = parse_targets(self.targets)
+        if not 0 < self.r_min <= self.r_max:
+            raise ConfigError(f"adapter needs 0 < r_min <= r_max, got r_min {self.r_min}, "
+                              f"r_max {self.r_max}")
+        if self.depth is not None and self.depth < 0:
+            raise ConfigError(f"adapter.depth must be >= 0 (0 = every block), got {self.depth}")
+        if self.alpha <= 0:
+            raise ConfigError(f"adapter.alpha must be positive, got {self.alpha}")
+
+    def depth_for(self, n_layers: int) -> int:
+        """The global depth on a model of `n_layers` blocks (0 means all)."""
+        if self.depth is None:
+            return min(4, n_layers)
+        d = self.depth or n_layers
+        if d > n_layers:
+            raise ConfigError(f"adapter.depth {d} is above the model's {n_layers} blocks; pass "
+                              f"--depth {n_layers} or less")
+        return d
+
+
+@dataclass
+class DataSpec:
+    """Where a simulated fleet's data comes from and what is held out.
+
+    Attributes:
+        path: a folder from `edge-rt data pull` (client_*/train.jsonl, test.jsonl) or a
+            dataset name (sentiment, fortunes, chatterbot, bigbench:T1,T2).
+        partition: when `path` is a name: domain | task | dirichlet | iid.
+        dirichlet_alpha: concentration of the Dirichlet split.
+        eval: a held-out JSONL file scored after each merge (aggregator, demo).
         eval_max: at most this many held-out rows are scored each round.
     """
 
-    strategy: str = "hetlora"
+    path: str | None = None
+    partition: str | None = None
+    dirichlet_alpha: float = 0.5
+    eval: str | None = None
+    eval_max: int = 64
+
+    def __post_init__(self) -> None:
+        if self.dirichlet_alpha <= 0:
+            raise ConfigError(f"data.dirichlet_alpha must be positive, got {self.dirichlet_alpha}")
+        if self.eval_max <= 0:
+            raise ConfigError(f"data.eval_max must be positive, got {self.eval_max}")
+
+
+@dataclass
+class SimConfig:
+    """A simulated fleet: its devices, their failures and the simulated clock.
+
+    Attributes:
+        clients: number of simulated devices.
+        dropout: probability a selected device never reports.
+        straggler: probability a selected device computes `straggler_slowdown` x slower.
+        device_classes: declared profile names (profiles/*.json); devices cycle through them.
+        deadline_s: round deadline in simulated seconds (late updates are not sent);
+            None: wait for every device.
+        uplink_mbps, downlink_mbps: link rates for the simulated transfer times.
+        transport: inproc (this process) or mqtt (the same fleet through a real broker).
+        broker: with transport mqtt, a broker URL; None starts one for the run.
+    """
+
     clients: int = 8
-    rounds: int = 5
-    fraction: float = 1.0
     dropout: float = 0.0
     straggler: float = 0.0
     straggler_slowdown: float = 4.0
     device_classes: tuple[str, ...] = ("rpi4-2gb", "rpi5-4gb", "android-mid-6gb",
                                        "android-flagship-12gb")
-    local_steps: int = 10
-    lr: float = 1e-3
-    batch_size: int = 4
-    seq_len: int = 128
-    r_min: int = 4
-    r_max: int = 16
-    rank: int | None = None
-    targets: tuple[str, ...] = ("q_proj", "v_proj")
-    alpha: float = 16.0
-    depth: int = 0
     deadline_s: float | None = None
     uplink_mbps: float = 10.0
     downlink_mbps: float = 50.0
-    eval_max: int = 64
-    seed: int = 0
+    transport: Transport = Transport.INPROC
+    broker: str | None = None
 
     def __post_init__(self) -> None:
-        if self.clients <= 0 or self.rounds <= 0:
-            raise ConfigError("--clients and --rounds must be positive")
-        if not 0.0 < self.fraction <= 1.0:
-            raise ConfigError(f"--fraction must be in (0, 1], got {self.fraction}")
+        self.transport = _enum(Transport, self.transport, "sim.transport")
+        if isinstance(self.device_classes, str):
+            self.device_classes = tuple(c.strip() for c in self.device_classes.split(",")
+                                        if c.strip())
+        if self.clients <= 0:
+            raise ConfigError(f"sim.clients must be positive, got {self.clients}")
         for key in ("dropout", "straggler"):
             v = getattr(self, key)
             if not 0.0 <= v < 1.0:
-                raise ConfigError(f"--{key} must be in [0, 1), got {v}")
-        if not 0 < self.r_min <= self.r_max:
-            raise ConfigError(f"need 0 < r_min <= r_max, got {self.r_min}, {self.r_max}")
-        if self.rank is not None and self.rank <= 0:
-            raise ConfigError(f"--rank must be positive, got {self.rank}")
-        if self.depth < 0:
-            raise ConfigError(f"--depth must be >= 0, got {self.depth}")
+                raise ConfigError(f"sim.{key} must be in [0, 1), got {v}")
+        if self.straggler_slowdown < 1.0:
+            raise ConfigError(f"sim.straggler_slowdown must be >= 1, got {self.straggler_slowdown}")
         if self.deadline_s is not None and self.deadline_s <= 0:
-            raise ConfigError(f"--deadline must be positive, got {self.deadline_s}")
+            raise ConfigError(f"sim.deadline_s must be positive, got {self.deadline_s}")
+        if self.uplink_mbps <= 0 or self.downlink_mbps <= 0:
+            raise ConfigError("sim.uplink_mbps and sim.downlink_mbps must be positive")
         if not self.device_classes:
-            raise ConfigError("at least one device class is needed")
-        self.targets = parse_targets(self.targets)
+            raise ConfigError("sim.device_classes is empty; name at least one profiles/*.json")
 
 
-__all__ += ["SimulateConfig"]
+@dataclass
+class RunConfig:
+    """Everything one federated run needs; each component gets only its own part.
+
+    Build it with `RunConfig.from_dict` (a run file plus flag overrides): settings a user
+    did not give that follow from others are derived there, once (see `_derive`).
+    """
+
+    seed: int = 0
+    model: ModelSpec = field(default_factory=ModelSpec)
+    adapter: AdapterSpec = field(default_factory=AdapterSpec)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    fleet: FleetConfig = field(default_factory=FleetConfig)
+    sim: SimConfig = field(default_factory=SimConfig)
+    data: DataSpec = field(default_factory=DataSpec)
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
+
+    def __post_init__(self) -> None:
+        self.train.seed = self.seed  # the run has one seed
+
+    def to_json(self) -> dict:
+        out = to_jsonable(self)
+        out["mqtt"].pop("password", None)  # never written to metrics or logs
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RunConfig:
+        """Validate a nested dict (a parsed run file with overrides applied)."""
+        if not isinstance(d, dict):
+            raise ConfigError("a run config must be a table of sections")
+        sections = {f.name for f in fields(cls)}
+        for key in d:
+            if key not in sections:
+                raise ConfigError(f"unknown key {key!r} in the run config; known: "
+                                  f"{', '.join(sorted(sections))}")
+        d = _derive(d)
+        kw: dict = {"seed": _coerce(d.get("seed", 0), int, "seed")}
+        if "train" in d and "seed" in d["train"]:
+            raise ConfigError("train.seed is not a setting; set the run's top-level seed")
+        parts = {"model": ModelSpec, "adapter": AdapterSpec, "train": TrainConfig,
+                 "fleet": FleetConfig, "sim": SimConfig, "data": DataSpec, "mqtt": MqttConfig}
+        for name, typ in parts.items():
+            if name in d:
+                kw[name] = from_dict(typ, d[name], name)
+        if "strategy" in d:
+            kw["strategy"] = StrategyConfig.from_json(d["strategy"])
+        return cls(**kw)
+
+
+def _derive(d: dict) -> dict:
+    """Fill the settings that follow from others when the user did not give them.
+
+    - sa-fedlora: the schedule's `rounds` is the run's fleet.rounds, and its
+      init/heat/cool rounds are max(1, rounds // 5) each;
+    - hetlora `r_min` and legend `r_min`/`r_max` are the adapter's.
+    """
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in d.items()}
+    st = out.get("strategy")
+    if not isinstance(st, dict):
+        return out
+    adapter = out.get("adapter", {}) if isinstance(out.get("adapter"), dict) else {}
+    name = str(st.get("name", StrategyConfig.name.value))
+    if name == StrategyName.SA_FEDLORA.value:
+        fleet = out.get("fleet", {}) if isinstance(out.get("fleet"), dict) else {}
+        rounds = st.setdefault("rounds", fleet.get("rounds", FleetConfig.rounds))
+        if isinstance(rounds, int) and not isinstance(rounds, bool):
+            for key in ("init_rounds", "heat_rounds", "cool_rounds"):
+                st.setdefault(key, max(1, rounds // 5))
+    if name == StrategyName.HETLORA.value:
+        st.setdefault("r_min", adapter.get("r_min", AdapterSpec.r_min))
+    if name == StrategyName.LEGEND.value:
+        st.setdefault("r_min", adapter.get("r_min", AdapterSpec.r_min))
+        st.setdefault("r_max", adapter.get("r_max", AdapterSpec.r_max))
+    return out
+
+
+# --- dicts in, JSON out ---------------------------------------------------------------------
+
+def to_jsonable(obj: object) -> Any:
+    """Dataclasses, Enums, tuples and paths as plain JSON values."""
+    if is_dataclass(obj) and not isinstance(obj, type):
+        if isinstance(obj, StrategyConfig):
+            return obj.to_json()
+        return {f.name: to_jsonable(getattr(obj, f.name)) for f in fields(obj)}
+    if isinstance(obj, enum.Enum):
+        return obj.value
+    if isinstance(obj, (tuple, list)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check (and gently convert) one value against a field's type; ConfigError names `key`."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        errors = []
+        for a in inner:
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key} must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key} must be a string, got {value!r}")
+    if tp is Path:
+        if isinstance(value, (str, Path)):
+            return Path(value)
+        raise ConfigError(f"{key} must be a path string, got {value!r}")
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return _enum(tp, value, key)
+    if origin is tuple:
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return tuple(_coerce(v.strip() if isinstance(v, str) else v, args[0], key)
+                     for v in items if not (isinstance(v, str) and not v.strip()))
+    if origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
+        raise ConfigError(f"{key} must be a table, got {value!r}")
+    return value
+
+
+def from_dict(cls: type[T], d: Any, section: str) -> T:
+    """Build the dataclass `cls` from a dict: unknown keys and wrong types are refused."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{section} must be a table/object, got {type(d).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in fields(cls) if f.init]  # type: ignore[arg-type]
+    for key in d:
+        if key not in names:
+            raise ConfigError(f"unknown key {section}.{key}; known keys of [{section}]: "
+                              f"{', '.join(names) or 'none'}")
+    kw = {k: _coerce(v, hints[k], f"{section}.{k}") for k, v in d.items()}
+    try:
+        return cls(**kw)
+    except ConfigError as e:
+        raise ConfigError(f"[{section}] {e}") from None
+
+
+def load_run_file(path: str | Path) -> dict:
+    """A TOML run file as a dict (standard library `tomllib`)."""
+    import tomllib
+
+    p = Path(path)
+    try:
+        with open(p, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"run file {p} does not exist; pass --config with an existing "
+                          "TOML file") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"run file {p} is not valid TOML ({e}); fix that line") from None
+
+
+def set_key(d: dict, dotted: str, value: Any) -> None:
+    """Set `section.key` (or a top-level `key`) in a nested dict, creating the section."""
+    parts = dotted.split(".")
+    if len(parts) > 2 or not all(parts):
+        raise ConfigError(f"override key {dotted!r} must be KEY or SECTION.KEY, e.g. "
+                          "strategy.gamma")
+    if len(parts) == 1:
+        d[parts[0]] = value
+        return
+    sec = d.setdefault(parts[0], {})
+    if not isinstance(sec, dict):
+        raise ConfigError(f"{parts[0]} is a value, not a section")
+    sec[parts[1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`KEY=VALUE` with VALUE read as a TOML value (1, 0.5, true, "x", [..]) or else a string."""
+    import tomllib
+
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {text!r} must look like SECTION.KEY=VALUE, e.g. "
+                          "--set strategy.gamma=0.95")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return key.strip(), value
+
+
+__all__ += ["lora_module_name", "StrategyName", "FedAvgConfig", "StrategyConfig",
+            "STRATEGY_SETTINGS", "Transport", "ModelSpec", "AdapterSpec", "DataSpec",
+            "SimConfig", "RunConfig", "to_jsonable", "from_dict", "load_run_file", "set_key",
+            "parse_override"]

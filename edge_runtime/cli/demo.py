@@ -6,41 +6,57 @@ import argparse
 from pathlib import Path
 
 from edge_runtime.cli.common import positive_float, positive_int
+from edge_runtime.cli.run_args import add_run_file_args, resolve_run
+from edge_runtime.config import Compression, StrategyName
+
+FLAGS = {"model": "model.name", "clients": "sim.clients", "rounds": "fleet.rounds",
+         "strategy": "strategy.name", "local_steps": "train.steps",
+         "round_timeout_s": "fleet.round_timeout_s", "compression": "fleet.compression",
+         "seed": "seed"}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="run a whole federated fleet locally (start here)")
-    p.add_argument("--model", default="tiny",
-                   help="tiny (instant, random) or smollm2-135m / a GGUF path (real model)")
-    p.add_argument("--clients", type=positive_int, default=3, help="agent processes")
-    p.add_argument("--rounds", type=positive_int, default=3)
-    p.add_argument("--strategy", default="hetlora",
-                   choices=["fedavg", "hetlora", "flexlora", "sa-fedlora", "legend"])
+    add_run_file_args(p)
+    p.add_argument("--model", help="tiny (default: instant, random) or smollm2-135m / a GGUF "
+                   "path (real model)")
+    p.add_argument("--clients", type=positive_int, help="agent processes (default 3)")
+    p.add_argument("--rounds", type=positive_int)
+    p.add_argument("--strategy", choices=[m.value for m in StrategyName])
     p.add_argument("--out", default="demo-out", metavar="DIR",
                    help="metrics.json, adapter/, logs/ go here (default demo-out)")
     p.add_argument("--broker", metavar="URL",
                    help="use this MQTT broker instead of the embedded one")
-    p.add_argument("--local-steps", type=positive_int, default=None,
+    p.add_argument("--local-steps", type=positive_int,
                    help="training steps per round (default 10 on tiny, 4 on a real model)")
-    p.add_argument("--round-timeout-s", type=positive_float, default=None,
+    p.add_argument("--round-timeout-s", type=positive_float,
                    help="round deadline (default 60 s on tiny, 600 s on a real model)")
-    p.add_argument("--compression", default="fp32", choices=["fp32", "fp16", "int8"])
+    p.add_argument("--compression", choices=[m.value for m in Compression])
+    p.add_argument("--seed", type=int)
     p.set_defaults(func=run)
+
+
+def demo_base(model: str) -> dict[str, object]:
+    """The demo's own starting values (below the run file and flags): a small, quick fleet
+    of 3 devices; fewer local steps and a longer deadline on a real model."""
+    tiny = model == "tiny"
+    return {"sim.clients": 3, "train.steps": 10 if tiny else 4, "train.lr": 1e-3,
+            "train.seq_len": 64, "fleet.round_timeout_s": 60.0 if tiny else 600.0,
+            "fleet.wait_for_clients_s": 180.0}
 
 
 def run(args: argparse.Namespace) -> int:
     import logging
 
-    from edge_runtime.fleet.demo import DemoConfig, run_demo
+    from edge_runtime.config import load_run_file
+    from edge_runtime.fleet.demo import run_demo
 
     if not getattr(args, "verbose", False):  # the [demo] lines are the progress report
         logging.getLogger("edge_runtime").setLevel(logging.WARNING)
-
-    tiny = args.model == "tiny"
-    cfg = DemoConfig(model=args.model, clients=args.clients, rounds=args.rounds,
-                     strategy=args.strategy, out=Path(args.out), broker=args.broker,
-                     local_steps=args.local_steps or (10 if tiny else 4),
-                     round_timeout_s=args.round_timeout_s or (60.0 if tiny else 600.0),
-                     compression=args.compression)
-    run_demo(cfg)
+    model = args.model or (load_run_file(args.config).get("model", {}).get("name", "tiny")
+                           if args.config else "tiny")
+    cfg = resolve_run(args, FLAGS, base=demo_base(str(model)))
+    cfg.fleet.min_clients = cfg.sim.clients  # every demo device takes part in every round
+    run_demo(cfg, Path(args.out), broker_url=args.broker,
+             join_timeout_s=cfg.fleet.wait_for_clients_s)
     return 0

@@ -12,8 +12,6 @@ client must have the global ranks and alpha; heterogeneous ranks belong to HetLo
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 from edge_runtime.adapter import Adapter
 from edge_runtime.fl.common import PaddedSum, truncate_to_plan
 from edge_runtime.fl.types import (
@@ -24,7 +22,7 @@ from edge_runtime.fl.types import (
     check_update,
 )
 
-__all__ = ["FedAvg", "FedAvgAccumulator", "fedavg_aggregate"]
+__all__ = ["FedAvg", "FedAvgAccumulator"]
 
 
 class FedAvgAccumulator:
@@ -55,14 +53,6 @@ class FedAvgAccumulator:
     def result(self) -> Adapter:
         """The averaged adapter; the global unchanged if no update arrived."""
         return self._sum.result()
-
-
-def fedavg_aggregate(global_adapter: Adapter, updates: Iterable[ClientUpdate]) -> Adapter:
-    """Sample-weighted average of A and B separately (batch form of `FedAvgAccumulator`)."""
-    acc = FedAvgAccumulator(global_adapter)
-    for u in updates:
-        acc.add(u)
-    return acc.result()
 
 
 class FedAvg(StrategyBase):

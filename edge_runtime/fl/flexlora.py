@@ -31,7 +31,6 @@ Modules with a per-module denominator: a module is averaged over the clients tha
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -54,7 +53,7 @@ from edge_runtime.fl.types import (
     check_update,
 )
 
-__all__ = ["FlexLoRA", "FlexLoRAAccumulator", "flexlora_aggregate", "svd_to_lora",
+__all__ = ["FlexLoRA", "FlexLoRAAccumulator", "svd_to_lora",
            "best_rank_r", "ModuleReport"]
 
 
@@ -219,15 +218,6 @@ class FlexLoRAAccumulator:
         return out
 
 
-def flexlora_aggregate(global_adapter: Adapter, updates: Iterable[ClientUpdate],
-                       cfg: FlexLoRAConfig | None = None) -> Adapter:
-    """Batch form of `FlexLoRAAccumulator`."""
-    acc = FlexLoRAAccumulator(global_adapter, cfg)
-    for u in updates:
-        acc.add(u)
-    return acc.result()
-
-
 class FlexLoRA(StrategyBase):
     """FlexLoRA strategy: full-size weighted average, truncated-SVD redistribution."""
 
@@ -235,7 +225,6 @@ class FlexLoRA(StrategyBase):
 
     def __init__(self, cfg: FlexLoRAConfig | None = None) -> None:
         self.cfg = cfg or FlexLoRAConfig()
-        self.last_report: dict[str, ModuleReport] = {}
 
     def distribute(self, global_adapter: Adapter, plan: ClientPlan) -> Adapter:
         out: Adapter = {}
@@ -248,12 +237,3 @@ class FlexLoRA(StrategyBase):
 
     def accumulator(self, global_adapter: Adapter, round_index: int = 0) -> FlexLoRAAccumulator:
         return FlexLoRAAccumulator(global_adapter, self.cfg)
-
-    def aggregate(self, global_adapter: Adapter, updates: Iterable[ClientUpdate],
-                  round_index: int = 0) -> Adapter:
-        acc = self.accumulator(global_adapter)
-        for u in updates:
-            acc.add(u)
-        out = acc.result()
-        self.last_report = acc.report
-        return out

@@ -26,7 +26,7 @@ r x r product, O(r^2 (d_out + d_in)) instead of O(d_out d_in r).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
@@ -45,7 +45,6 @@ from edge_runtime.fl.types import (
 __all__ = [
     "HetLoRA",
     "HetLoRAAccumulator",
-    "hetlora_aggregate",
     "frobenius_norm_ba",
     "sparsity_score",
     "tail_start",
@@ -188,14 +187,6 @@ class HetLoRAAccumulator:
     def result(self) -> Adapter:
         """Global adapter at r_max; unchanged if empty or if every update was all-zero."""
         return self._sum.result()
-
-
-def hetlora_aggregate(global_adapter: Adapter, updates: Iterable[ClientUpdate]) -> Adapter:
-    """Zero-pad to r_max and average with sparsity weights (batch form of the accumulator)."""
-    acc = HetLoRAAccumulator(global_adapter)
-    for u in updates:
-        acc.add(u)
-    return acc.result()
 
 
 class HetLoRA(StrategyBase):

@@ -27,7 +27,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from edge_runtime.adapter import Adapter
-from edge_runtime.config import LegendConfig
+from edge_runtime.config import LegendConfig, lora_module_name
+from edge_runtime.errors import ConfigError
 from edge_runtime.fl.common import PaddedSum, truncate_to_plan
 from edge_runtime.fl.types import ClientPlan, ClientUpdate, StrategyBase, check_update
 
@@ -65,26 +66,26 @@ def predict_memory(cost: DeviceCost, ranks: list[int]) -> float:
 
 def plan_device(device_id: str, cost: DeviceCost, n_layers: int, targets: tuple[str, ...],
                 cfg: LegendConfig, *, steps: int, alpha: float = 16.0,
-                device_class: str = "") -> ClientPlan | None:
+                device_class: str = "", deadline_s: float | None = None) -> ClientPlan | None:
     """The deepest, then widest, LoRA plan whose predicted time and memory fit.
 
     Tries depth L = n_layers .. cfg.min_depth and, for each, ramps whose top rank shrinks
     from r_max toward r_min. Returns None when even (min_depth, r_min) does not fit.
     """
+    deadline = cfg.deadline_s if cfg.deadline_s is not None else deadline_s
+    if deadline is None:
+        raise ConfigError("LEGEND needs a round deadline to plan against; set "
+                          "strategy.deadline_s or the fleet's round_timeout_s")
     for depth in range(n_layers, cfg.min_depth - 1, -1):
         for r_hi in range(cfg.r_max, cfg.r_min - 1, -1):
             ranks = rank_ramp(depth, cfg.r_min, r_hi)
-            if (predict_time(cost, n_layers, ranks, steps) <= cfg.deadline_s
+            if (predict_time(cost, n_layers, ranks, steps) <= deadline
                     and predict_memory(cost, ranks) <= cost.mem_budget_mb):
                 layers = range(n_layers - depth, n_layers)
-                plan = {f"model.layers.{i}.{_parent(t)}.{t}": r
+                plan = {lora_module_name(i, t): r
                         for i, r in zip(layers, ranks, strict=True) for t in targets}
                 return ClientPlan(device_id, plan, alpha, device_class)
     return None
-
-
-def _parent(target: str) -> str:
-    return "self_attn" if target in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
 
 
 class LegendAccumulator:

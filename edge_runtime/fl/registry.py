@@ -1,4 +1,4 @@
-"""Strategy names (`fedavg|hetlora|flexlora|sa-fedlora|legend`) to implementations."""
+"""Strategy configs (`edge_runtime.config.StrategyConfig`) to implementations."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ from edge_runtime.config import (
     HetLoRAConfig,
     LegendConfig,
     SAFedLoRAConfig,
+    StrategyConfig,
+    StrategyName,
 )
-from edge_runtime.errors import ConfigError
 from edge_runtime.fl.fedavg import FedAvg
 from edge_runtime.fl.flexlora import FlexLoRA
 from edge_runtime.fl.hetlora import HetLoRA
@@ -18,27 +19,22 @@ from edge_runtime.fl.types import StrategyBase
 
 __all__ = ["STRATEGIES", "make_strategy"]
 
-STRATEGIES: tuple[str, ...] = ("fedavg", "hetlora", "flexlora", "sa-fedlora", "legend")
+STRATEGIES: tuple[str, ...] = tuple(m.value for m in StrategyName)
 
 
-def make_strategy(name: str, *, hetlora: HetLoRAConfig | None = None,
-                  flexlora: FlexLoRAConfig | None = None,
-                  sa_fedlora: SAFedLoRAConfig | None = None,
-                  legend: LegendConfig | None = None) -> StrategyBase:
-    """Build a strategy by name, each receiving only its own config.
-
-    Raises:
-        ConfigError: unknown name (lists the choices).
-    """
-    key = name.strip().lower().replace("_", "-")
-    if key == "fedavg":
+def make_strategy(cfg: StrategyConfig) -> StrategyBase:
+    """The strategy of `cfg`, built with its own typed settings (never defaults by name)."""
+    s = cfg.settings
+    if cfg.name is StrategyName.FEDAVG:
         return FedAvg()
-    if key == "hetlora":
-        return HetLoRA(hetlora)
-    if key == "flexlora":
-        return FlexLoRA(flexlora)
-    if key == "sa-fedlora":
-        return SAFedLoRA(sa_fedlora)
-    if key == "legend":
-        return Legend(legend)
-    raise ConfigError(f"unknown strategy {name!r}; choose one of: {', '.join(STRATEGIES)}")
+    if cfg.name is StrategyName.HETLORA:
+        assert isinstance(s, HetLoRAConfig)
+        return HetLoRA(s)
+    if cfg.name is StrategyName.FLEXLORA:
+        assert isinstance(s, FlexLoRAConfig)
+        return FlexLoRA(s)
+    if cfg.name is StrategyName.SA_FEDLORA:
+        assert isinstance(s, SAFedLoRAConfig)
+        return SAFedLoRA(s)
+    assert isinstance(s, LegendConfig)
+    return Legend(s)

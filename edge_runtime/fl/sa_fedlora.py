@@ -28,13 +28,14 @@ The global adapter after round t holds b(t + 1) components: the budget of the ne
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 
 import torch
 from torch import nn
 
 from edge_runtime.adapter import Adapter
-from edge_runtime.config import FlexLoRAConfig, SAFedLoRAConfig
+from edge_runtime.config import FlexLoRAConfig, FlexMode, SAFedLoRAConfig
+from edge_runtime.errors import ConfigError
 from edge_runtime.fl.flexlora import FlexLoRAAccumulator, best_rank_r, svd_to_lora
 from edge_runtime.fl.svd import SVDResult, factored_svd
 from edge_runtime.fl.types import ClientPlan, ClientUpdate, Regularizer, StrategyBase
@@ -47,6 +48,7 @@ __all__ = [
     "proximal_term",
     "make_proximal_regularizer",
     "allocate_by_importance",
+    "starting_budget",
 ]
 
 
@@ -130,8 +132,7 @@ class SAFedLoRAAccumulator:
         self.cfg = cfg
         self.b0 = b0
         self.round_index = round_index
-        self._inner = FlexLoRAAccumulator(global_adapter, flex or FlexLoRAConfig(mode="factored"))
-        self.last_ranks: dict[str, int] = {}
+        self._inner = FlexLoRAAccumulator(global_adapter, flex or FlexLoRAConfig(mode=FlexMode.FACTORED))
 
     @property
     def count(self) -> int:
@@ -154,29 +155,35 @@ class SAFedLoRAAccumulator:
         budget = rank_budget(self.round_index + 1, self.b0, self.cfg)
         caps = {n: w.rank for n, w in self.global_adapter.items()}
         ranks = allocate_by_importance(spectra, budget, caps, self.cfg.r_min)
-        self.last_ranks = ranks
         return {n: svd_to_lora(svds[n], ranks[n], w.alpha, dtype=w.lora_a.dtype)
                 for n, w in agg.items()}
 
 
+def starting_budget(cfg: SAFedLoRAConfig, global_adapter: Adapter, round_index: int) -> int:
+    """b_0: `cfg.b0`, or at round 0 the sum of the global adapter's ranks.
+
+    Raises:
+        ConfigError: after round 0 with `cfg.b0` unset (the global has shrunk since; the
+            server fixes b0 when a run starts, `resolve_b0`).
+    """
+    if cfg.b0 is not None:
+        return cfg.b0
+    if round_index == 0:
+        return sum(w.rank for w in global_adapter.values())
+    raise ConfigError("SA-FedLoRA's starting budget b0 is unset after round 0; fix it when "
+                      "the run starts (SAFedLoRAConfig.b0 = sum of the round-0 global ranks)")
+
+
 class SAFedLoRA(StrategyBase):
-    """SA-FedLoRA strategy. `b0` defaults to the sum of the global ranks first seen."""
+    """SA-FedLoRA strategy: stateless; its starting budget is `cfg.b0` (see `starting_budget`)."""
 
     name = "sa-fedlora"
 
-    def __init__(self, cfg: SAFedLoRAConfig | None = None, b0: int | None = None) -> None:
+    def __init__(self, cfg: SAFedLoRAConfig | None = None) -> None:
         self.cfg = cfg or SAFedLoRAConfig()
-        self.b0 = b0
-        self.last_ranks: dict[str, int] = {}
-
-    def _b0(self, global_adapter: Adapter) -> int:
-        if self.b0 is None:
-            self.b0 = sum(w.rank for w in global_adapter.values())
-        return self.b0
 
     def distribute(self, global_adapter: Adapter, plan: ClientPlan) -> Adapter:
         """Best rank-min(r_plan, r_global) approximation of each planned module."""
-        self._b0(global_adapter)
         out: Adapter = {}
         for name, r in plan.ranks.items():
             g = global_adapter[name]
@@ -190,14 +197,6 @@ class SAFedLoRA(StrategyBase):
         return make_proximal_regularizer(start, self.cfg.mu)
 
     def accumulator(self, global_adapter: Adapter, round_index: int = 0) -> SAFedLoRAAccumulator:
-        return SAFedLoRAAccumulator(global_adapter, self.cfg, self._b0(global_adapter),
+        return SAFedLoRAAccumulator(global_adapter, self.cfg,
+                                    starting_budget(self.cfg, global_adapter, round_index),
                                     round_index)
-
-    def aggregate(self, global_adapter: Adapter, updates: Iterable[ClientUpdate],
-                  round_index: int = 0) -> Adapter:
-        acc = self.accumulator(global_adapter, round_index)
-        for u in updates:
-            acc.add(u)
-        out = acc.result()
-        self.last_ranks = acc.last_ranks
-        return out

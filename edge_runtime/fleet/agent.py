@@ -12,18 +12,19 @@ announces `finished`, the agent applies its share of the final global adapter.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from edge_runtime.adapter import Adapter
-from edge_runtime.checkpoints import load_model
-from edge_runtime.config import MqttConfig, TrainConfig
-from edge_runtime.data import load_jsonl
-from edge_runtime.fl import make_strategy
-from edge_runtime.fl.types import ClientPlan
+from edge_runtime.checkpoints import LoadedModel, load_model
+from edge_runtime.config import Compression, MqttConfig, QuantMode
+from edge_runtime.data import Example, load_jsonl
+from edge_runtime.errors import ConfigError
 from edge_runtime.fleet.codec import decode_adapter, encode_adapter
 from edge_runtime.fleet.mqtt_client import InboundMessage, MqttLink
 from edge_runtime.fleet.outbox import Outbox
@@ -39,14 +40,22 @@ from edge_runtime.fleet.protocol import (
     check_id,
 )
 from edge_runtime.fleet.transfer import Reassembler, TransferError, iter_chunks, make_manifest
-from edge_runtime.lora import get_adapter, remove_lora, set_adapter
-from edge_runtime.trainer import train
+from edge_runtime.lora import remove_lora, set_adapter
+from edge_runtime.rounds.device import LocalResult, RoundTask, run_local_round
 
-__all__ = ["AgentConfig", "DeviceAgent"]
+__all__ = ["AgentConfig", "DeviceAgent", "RoundGate"]
 
 log = logging.getLogger(__name__)
 
-_TRAIN_KEYS = {"steps", "lr", "batch_size", "seq_len", "grad_accum", "weight_decay", "seed"}
+
+class RoundGate(Protocol):
+    """A simulated device's behaviour (the in-process scheduler's, reused over MQTT):
+    whether it trains this round at all, and whether its finished update is sent."""
+
+    def will_train(self, device_id: str, round_index: int, download_bytes: int,
+                   task: RoundTask) -> bool: ...
+
+    def will_send(self, device_id: str, round_index: int, upload_bytes: int) -> bool: ...
 
 
 @dataclass
@@ -76,8 +85,8 @@ class AgentConfig:
     state_dir: Path = Path(".edge-rt-agent")
     profile: dict[str, Any] = field(default_factory=dict)
     device_class: str = ""
-    quant: str = "none"
-    compression: str = "fp32"
+    quant: QuantMode = QuantMode.NONE
+    compression: Compression = Compression.FP32
     chunk_size: int = 64 * 1024
     ack_timeout_s: float = 10.0
     uplink_bytes_per_s: float = 0.0
@@ -87,15 +96,33 @@ class AgentConfig:
 
     def __post_init__(self) -> None:
         check_id(self.device_id, "--device-id")
+        self.quant = QuantMode(self.quant)
+        self.compression = Compression(self.compression)
 
 
 class DeviceAgent:
-    def __init__(self, cfg: AgentConfig, mqtt: MqttConfig) -> None:
+    """One device in an MQTT fleet (module docstring).
+
+    Args:
+        cfg: the device's settings.
+        mqtt: how to reach the broker.
+        loaded, examples: a model and rows already in memory (a simulated fleet shares
+            one model between its devices); by default loaded from `cfg`.
+        gate: a simulated device's dropout/deadline behaviour (None: a real device).
+        train_lock: held while training (devices sharing one model take turns).
+    """
+
+    def __init__(self, cfg: AgentConfig, mqtt: MqttConfig, *, loaded: LoadedModel | None = None,
+                 examples: list[Example] | None = None, gate: RoundGate | None = None,
+                 train_lock: AbstractContextManager[Any] | None = None) -> None:
         self.cfg = cfg
         self.topics = Topics(mqtt.prefix, mqtt.fleet)
         dev = cfg.device_id
-        self.examples = load_jsonl(cfg.data)
-        self.loaded = load_model(cfg.model, cfg.quant)
+        self.examples = examples if examples is not None else load_jsonl(cfg.data)
+        self.loaded = loaded or load_model(cfg.model, cfg.quant)
+        self.gate = gate
+        self.train_lock = train_lock or contextlib.nullcontext()
+        self.last_task: RoundTask | None = None
         self.outbox = Outbox(Path(cfg.state_dir) / "outbox")
         self.link = MqttLink(mqtt, f"edge-rt-dev-{dev}",
                              [self.topics.round(), self.topics.status(), self.topics.ack(dev)],
@@ -205,7 +232,7 @@ class DeviceAgent:
                         ack.reason, ack.detail)
 
     # the work ----------------------------------------------------------------------------
-    def _start_adapter(self) -> tuple[RoundAnnouncement, Adapter, ClientPlan] | None:
+    def _start_adapter(self) -> tuple[RoundAnnouncement, Adapter, int] | None:
         ann, dl = self.pending, self.download
         if ann is None or dl is None or not dl[1].complete:
             return None
@@ -213,45 +240,49 @@ class DeviceAgent:
         adapter, meta = decode_adapter(data)
         if meta.get("fingerprint") != self.loaded.fingerprint:
             raise TransferError("bad_fingerprint", "global adapter is for another base model")
-        plan = ClientPlan.from_json(ann.devices[self.cfg.device_id].plan)
-        return ann, adapter, plan
+        return ann, adapter, len(data)
 
-    def _train_round(self, ann: RoundAnnouncement, start: Adapter, plan: ClientPlan) -> None:
+    def _train_round(self, ann: RoundAnnouncement, start: Adapter, download_bytes: int) -> None:
         dev = self.cfg.device_id
-        model = self.loaded.model
-        remove_lora(model)
-        set_adapter(model, start, create=True)
-        strategy = make_strategy(ann.strategy)
-        settings = ann.devices[dev].train
-        tcfg = TrainConfig(**{k: v for k, v in settings.items() if k in _TRAIN_KEYS})
+        try:
+            task = RoundTask.from_announced(ann.round, ann.devices[dev].plan, ann.strategy,
+                                            ann.devices[dev].train)
+        except ConfigError as e:
+            log.error("%s: round %d announces a config this device cannot use (%s); "
+                      "skipping the round", dev, ann.round, e)
+            self.done_rounds.add(ann.round)
+            return
+        self.last_task = task
+        self.done_rounds.add(ann.round)
+        if self.gate is not None and not self.gate.will_train(dev, ann.round, download_bytes,
+                                                              task):
+            return
         left = ann.deadline_unix - time.time()
         margin = min(10.0, 0.25 * max(left, 0.0))  # leave time to upload
         if left - margin <= 0.5:
             log.warning("%s: round %d deadline already passed; skipping", dev, ann.round)
-            self.done_rounds.add(ann.round)
             return
-        reg = strategy.regularizer(start, plan, ann.round)
-        res = train(model, self.loaded.tokenizer, self.examples, tcfg,
-                    regularizer=reg, deadline=time.monotonic() + left - margin)
-        update = strategy.finish_local(start, get_adapter(model), plan)
-        meta = {"fingerprint": self.loaded.fingerprint, "n_samples": len(self.examples),
-                "round": ann.round, "steps": res.steps,
-                "train_loss": res.losses[-1] if res.losses else None}
-        data = encode_adapter(update, meta, self.cfg.compression)
-        m = make_manifest(data, kind="update", round=ann.round, device_id=dev,
-                          chunk_size=self.cfg.chunk_size, compression=self.cfg.compression,
-                          meta={"n_samples": len(self.examples)})
-        self.outbox.put(m, data)  # survives a restart from here on
+        with self.train_lock:
+            res: LocalResult = run_local_round(
+                self.loaded.model, self.loaded.tokenizer, self.examples, start, task,
+                device_id=dev, fingerprint=self.loaded.fingerprint,
+                compression=self.cfg.compression.value,
+                deadline=time.monotonic() + left - margin)
+        if self.gate is not None and not self.gate.will_send(dev, ann.round, len(res.payload)):
+            return
+        m = make_manifest(res.payload, kind="update", round=ann.round, device_id=dev,
+                          chunk_size=self.cfg.chunk_size, compression=self.cfg.compression.value,
+                          meta={"n_samples": res.n_samples})
+        self.outbox.put(m, res.payload)  # survives a restart from here on
         self.rounds_trained += 1
-        self.done_rounds.add(ann.round)
         log.info("%s: round %d trained %d steps in %.1fs (loss %s)", dev, ann.round, res.steps,
-                 res.elapsed_s, meta["train_loss"])
-        self._send(m, data)
+                 res.elapsed_s, res.train_loss)
+        self._send(m, res.payload)
 
     def _apply_final(self, adapter: Adapter) -> None:
-        model = self.loaded.model
-        remove_lora(model)
-        set_adapter(model, adapter, create=True)
+        with self.train_lock:
+            remove_lora(self.loaded.model)
+            set_adapter(self.loaded.model, adapter, create=True)
         self.final_applied = True
         if self.cfg.out is not None:
             save_final(Path(self.cfg.out), adapter, self.loaded.fingerprint, self.loaded.name)
@@ -280,14 +311,14 @@ class DeviceAgent:
                 self.download = None
                 ready = None
             if ready is not None:
-                ann, start, plan = ready
+                ann, start, nbytes = ready
                 self.pending = None
                 if ann.finished:
                     self._apply_final(start)
                     if self.cfg.exit_when_done:
                         break
                 else:
-                    self._train_round(ann, start, plan)
+                    self._train_round(ann, start, nbytes)
             now = time.monotonic()
             for m, data, sent in list(self.inflight.values()):
                 if now - sent > self.cfg.ack_timeout_s:

@@ -26,21 +26,21 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from edge_runtime.checkpoints import load_model
-from edge_runtime.config import FleetConfig, MqttConfig
+from edge_runtime.config import RunConfig
 from edge_runtime.data import load_jsonl
 from edge_runtime.errors import UserError
 from edge_runtime.fleet.agent import save_final
-from edge_runtime.fleet.aggregator import RoundRecord
 from edge_runtime.fleet.broker import EmbeddedBroker
-from edge_runtime.fleet.build import build_service
 from edge_runtime.fleet.server import AggregatorNode
+from edge_runtime.rounds.build import build_service, make_evaluator
+from edge_runtime.rounds.server import RoundRecord
 
-__all__ = ["DemoConfig", "run_demo", "write_demo_data", "DEVICE_CLASSES"]
+__all__ = ["run_demo", "write_demo_data", "DEVICE_CLASSES"]
 
 log = logging.getLogger(__name__)
 
@@ -83,24 +83,6 @@ def write_demo_data(out: Path, n_clients: int, rows_per_client: int = 32) -> tup
     return files, eval_path
 
 
-@dataclass
-class DemoConfig:
-    model: str = "tiny"
-    clients: int = 3
-    rounds: int = 3
-    strategy: str = "hetlora"
-    out: Path = Path("demo-out")
-    broker: str | None = None
-    round_timeout_s: float = 60.0
-    local_steps: int = 10
-    lr: float = 1e-3
-    rank_max: int = 8
-    depth: int = 4
-    seq_len: int = 64
-    compression: str = "fp32"
-    join_timeout_s: float = 180.0
-
-
 def _say(msg: str) -> None:
     print(f"[demo] {msg}", file=sys.stderr, flush=True)
 
@@ -110,39 +92,30 @@ def _classify(topic: str) -> str:
     return "up" if len(parts) > 3 and parts[2] == "dev" else "down"
 
 
-def run_demo(cfg: DemoConfig, mqtt: MqttConfig | None = None) -> dict[str, Any]:
-    """Run the whole demo; returns the metrics written to OUT/metrics.json."""
-    if cfg.clients < 1:
-        raise UserError(f"--clients must be at least 1, got {cfg.clients}")
-    out = Path(cfg.out)
+def run_demo(run: RunConfig, out: Path, broker_url: str | None = None,
+             join_timeout_s: float = 180.0) -> dict[str, Any]:
+    """Run the whole demo (`run.sim.clients` agent processes); returns OUT/metrics.json."""
+    n_clients = run.sim.clients
+    out = Path(out)
     if (out / "state" / "state.json").exists():
         raise UserError(f"{out} holds a previous demo run; pass another --out or delete it")
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.monotonic()
-    files, eval_path = write_demo_data(out / "data", cfg.clients)
+    files, eval_path = write_demo_data(out / "data", n_clients)
     broker = None
-    if cfg.broker is None:
+    if broker_url is None:
         broker = EmbeddedBroker(classify=_classify).start()
         url = f"mqtt://127.0.0.1:{broker.port}"
         _say(f"embedded MQTT broker on {url}")
     else:
-        url = cfg.broker
-    mq = mqtt or MqttConfig(url=url)
-    if mqtt is not None:
-        mq.url = url
-    loaded = load_model(cfg.model)
-    depth = min(cfg.depth, loaded.model.config.n_layers)
-    fleet = FleetConfig(strategy=cfg.strategy, rounds=cfg.rounds, min_clients=cfg.clients,
-                        round_timeout_s=cfg.round_timeout_s, compression=cfg.compression,
-                        wait_for_clients_s=cfg.join_timeout_s)
-    train = {"steps": cfg.local_steps, "lr": cfg.lr, "batch_size": 4, "seq_len": cfg.seq_len}
-    svc = build_service(loaded, fleet, out / "state", r_max=cfg.rank_max, depth=depth,
-                        targets=("q_proj", "v_proj"), alpha=16.0, train=train,
-                        eval_examples=load_jsonl(eval_path), seq_len=cfg.seq_len)
-    assert svc.evaluator is not None
-    base_loss = svc.evaluator(svc.global_adapter)
+        url = broker_url
+    mq = replace(run.mqtt, url=url)
+    loaded = load_model(run.model.name, run.model.quant)
+    evaluator = make_evaluator(loaded, load_jsonl(eval_path), run.train.seq_len)
+    svc = build_service(loaded, run, out / "state", evaluator=evaluator)
+    base_loss = svc.metrics[0].eval_loss
     _say(f"model {loaded.name}: eval loss of the base model {base_loss:.4f}; strategy "
-         f"{cfg.strategy}, {cfg.clients} clients, {cfg.rounds} rounds")
+         f"{run.strategy.name.value}, {n_clients} clients, {run.fleet.rounds} rounds")
 
     wire: list[tuple[int, int]] = []  # broker counters at each round close
     last = [(0, 0)]
@@ -154,14 +127,13 @@ def run_demo(cfg: DemoConfig, mqtt: MqttConfig | None = None) -> dict[str, Any]:
             down_out = snap.get("down", (0, 0))[1]
             wire.append((up_in - last[0][0], down_out - last[0][1]))
             last[0] = (up_in, down_out)
-        up, down = wire[-1] if broker is not None else (rec.bytes_up, rec.bytes_down)
-        _say(f"round {rec.round + 1}/{cfg.rounds}: {rec.participants}/{cfg.clients} updates "
-             f"merged, eval_loss {rec.eval_loss:.4f} (base {base_loss:.4f}), up {up / 1e3:.1f} kB, "
-             f"down {down / 1e3:.1f} kB, {rec.sim_time_s:.1f} s"
-             + (f", rejected {rec.rejected}" if rec.rejected else ""))
+        _say(f"round {rec.round}/{run.fleet.rounds}: {rec.participants}/{n_clients} updates "
+             f"merged, eval_loss {rec.eval_loss:.4f} (base {base_loss:.4f}), up "
+             f"{rec.bytes_up / 1e3:.1f} kB, down {rec.bytes_down / 1e3:.1f} kB, "
+             f"{rec.time_s:.1f} s" + (f", rejected {rec.rejected}" if rec.rejected else ""))
 
-    node = AggregatorNode(svc, mq, on_round=on_round, wait_for_clients_s=cfg.join_timeout_s,
-                          linger_s=3.0)
+    node = AggregatorNode(svc, mq, on_round=on_round, wait_for_clients_s=join_timeout_s,
+                          linger_s=3.0, start_clients=n_clients)
     logs = out / "logs"
     logs.mkdir(exist_ok=True)
     procs: list[subprocess.Popen[bytes]] = []
@@ -173,8 +145,10 @@ def run_demo(cfg: DemoConfig, mqtt: MqttConfig | None = None) -> dict[str, Any]:
             cls = DEVICE_CLASSES[k % len(DEVICE_CLASSES)]
             cmd = [sys.executable, "-m", "edge_runtime", "agent", "--broker", url,
                    "--device-id", f"dev{k}", "--device-class", cls, "--data", str(data),
-                   "--model", cfg.model, "--state", str(out / "agents" / f"dev{k}"),
-                   "--compression", cfg.compression, "--fleet", mq.fleet, "--prefix", mq.prefix]
+                   "--model", run.model.name, "--quant", run.model.quant.value,
+                   "--state", str(out / "agents" / f"dev{k}"),
+                   "--compression", run.fleet.compression.value, "--fleet", mq.fleet,
+                   "--prefix", mq.prefix]
             if mq.username:
                 cmd += ["--username", mq.username, "--password", mq.password or ""]
             with open(logs / f"dev{k}.log", "wb") as lf:
@@ -190,7 +164,7 @@ def run_demo(cfg: DemoConfig, mqtt: MqttConfig | None = None) -> dict[str, Any]:
 
         th = threading.Thread(target=_serve, name="aggregator", daemon=True)
         th.start()
-        limit = cfg.join_timeout_s + cfg.rounds * (cfg.round_timeout_s * 4 + 30)
+        limit = join_timeout_s + run.fleet.rounds * (run.fleet.round_timeout_s * 4 + 30)
         end = time.monotonic() + limit
         shown = False
         while th.is_alive() and time.monotonic() < end:
@@ -198,14 +172,14 @@ def run_demo(cfg: DemoConfig, mqtt: MqttConfig | None = None) -> dict[str, Any]:
             opened = svc.open
             if not shown and opened is not None:  # what each device class was given
                 shown = True
-                for dev, pj in sorted(opened["plans"].items()):
+                for dev, pj in sorted(opened.plans.items()):
                     ranks = pj["ranks"]
                     depth = len({n.split(".")[2] for n in ranks})
                     _say(f"{dev} ({pj.get('device_class') or '?'}): LoRA rank "
                          f"{max(ranks.values())} on the top {depth} blocks, "
                          f"{len(ranks)} modules")
             dead = [p for p in procs if p.poll() not in (None, 0)]
-            if dead and svc.round < cfg.rounds:
+            if dead and svc.round < run.fleet.rounds:
                 node.stop()
                 raise UserError(f"agent exited with code {dead[0].returncode}; see {logs}")
         if th.is_alive():
@@ -227,18 +201,15 @@ def run_demo(cfg: DemoConfig, mqtt: MqttConfig | None = None) -> dict[str, Any]:
             final_down[0] = broker.traffic_snapshot().get("down", (0, 0))[1]
             broker.stop()
 
-    metrics = svc.metrics_json({"model": cfg.model, "clients": cfg.clients,
-                                "rounds": cfg.rounds, "strategy": cfg.strategy,
-                                "rank_max": cfg.rank_max, "depth": depth, "train": train,
-                                "device_classes": [DEVICE_CLASSES[k % len(DEVICE_CLASSES)]
-                                                   for k in range(cfg.clients)],
-                                "base_eval_loss": base_loss,
-                                "bytes_source": "broker" if broker is not None else "aggregator"})
-    if broker is not None:
-        for r, (up, down) in zip(metrics["rounds"], wire, strict=True):
-            r["bytes_up"], r["bytes_down"] = up, down
-        # the final adapter's distribution after the last merge (not part of any round)
-        metrics["fleet"]["final_download_bytes"] = final_down[0] - last[0][1]
+    config = run.to_json()
+    config["strategy"] = svc.strategy_cfg.to_json()
+    config["model"]["fingerprint"] = loaded.fingerprint
+    config["device_classes"] = [DEVICE_CLASSES[k % len(DEVICE_CLASSES)] for k in range(n_clients)]
+    metrics = svc.metrics_json(config)
+    if broker is not None:  # MQTT packets the embedded broker counted (topics, acks, ...)
+        metrics["fleet"]["wire"] = [{"round": i + 1, "up": up, "down": down}
+                                    for i, (up, down) in enumerate(wire)]
+        metrics["fleet"]["final_download_wire"] = final_down[0] - last[0][1]
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     save_final(out / "adapter", svc.global_adapter, loaded.fingerprint, loaded.name)
     codes = [p.returncode for p in procs]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from edge_runtime.fleet.aggregator import atomic_write
+from edge_runtime.files import atomic_write
 from edge_runtime.fleet.protocol import Manifest, ProtocolError
 
 __all__ = ["Outbox"]

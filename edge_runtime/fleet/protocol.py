@@ -47,7 +47,7 @@ __all__ = [
     "encode_json",
 ]
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: the announcement carries the strategy's typed config
 DEFAULT_CHUNK_SIZE = 64 * 1024  # cloud brokers cap a message at 128-256 KB
 MAX_JSON_BYTES = 1 << 20  # a JSON control message larger than this is garbage
 
@@ -104,6 +104,13 @@ def _get(d: dict[str, Any], key: str, typ: type | tuple[type, ...], what: str) -
     if not isinstance(v, typ):
         raise ProtocolError(f"{what}: field {key!r} must be {typ}, got {type(v).__name__}")
     return v
+
+
+def _check_version(d: dict[str, Any], what: str) -> None:
+    v = _get(d, "version", int, what)
+    if v != PROTOCOL_VERSION:
+        raise ProtocolError(f"{what}: protocol version {v}, this side speaks {PROTOCOL_VERSION}; "
+                            "run the same edge-runtime version on the aggregator and devices")
 
 
 def check_id(value: str, what: str) -> str:
@@ -248,6 +255,7 @@ class Manifest:
     def from_bytes(cls, payload: bytes) -> Manifest:
         what = "manifest"
         d = decode_json(payload, what)
+        _check_version(d, what)
         m = cls(
             transfer_id=check_id(_get(d, "transfer_id", str, what), what),
             kind=_get(d, "kind", str, what),
@@ -261,9 +269,6 @@ class Manifest:
             meta=d.get("meta", {}),
             version=_get(d, "version", int, what),
         )
-        if m.version != PROTOCOL_VERSION:
-            raise ProtocolError(f"{what}: protocol version {m.version}, this side speaks "
-                                f"{PROTOCOL_VERSION}; upgrade the older side")
         if m.kind not in ("update", "global"):
             raise ProtocolError(f"{what}: kind {m.kind!r} must be 'update' or 'global'")
         if m.size < 0 or m.chunk_size <= 0 or m.round < 0:
@@ -330,9 +335,9 @@ class Presence:
 class DevicePlan:
     """What one selected device does this round: its LoRA plan and which download is its own."""
 
-    plan: dict[str, Any]  # LoRAPlan.to_json()
+    plan: dict[str, Any]  # ClientPlan.to_json()
     global_transfer_id: str
-    train: dict[str, Any] = field(default_factory=dict)  # extra trainer settings (steps, mu, ...)
+    train: dict[str, Any] = field(default_factory=dict)  # the training recipe (TrainConfig)
 
 
 @dataclass
@@ -342,7 +347,7 @@ class RoundAnnouncement:
     round: int
     deadline_unix: float
     fingerprint: str
-    strategy: str
+    strategy: dict[str, Any]  # StrategyConfig.to_json(): name and every setting
     devices: dict[str, DevicePlan]
     finished: bool = False  # no more rounds; apply the global adapter and stop
     version: int = PROTOCOL_VERSION
@@ -354,6 +359,7 @@ class RoundAnnouncement:
     def from_bytes(cls, payload: bytes) -> RoundAnnouncement:
         what = "round announcement"
         d = decode_json(payload, what)
+        _check_version(d, what)
         devs_raw = _get(d, "devices", dict, what)
         devices: dict[str, DevicePlan] = {}
         for dev, p in devs_raw.items():
@@ -368,7 +374,7 @@ class RoundAnnouncement:
             round=_get(d, "round", int, what),
             deadline_unix=float(_get(d, "deadline_unix", (int, float), what)),
             fingerprint=_get(d, "fingerprint", str, what),
-            strategy=_get(d, "strategy", str, what),
+            strategy=_get(d, "strategy", dict, what),
             devices=devices,
             finished=bool(d.get("finished", False)),
             version=_get(d, "version", int, what),

@@ -1,4 +1,4 @@
-"""The aggregator on the network: MQTT in and out around `AggregatorService`.
+"""The MQTT transport of the round engine's server side (`rounds.server.AggregatorService`).
 
 One worker loop takes messages from the link's bounded queue, reassembles uploads,
 hands complete ones to the service, acks every outcome, and publishes rounds:
@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 import torch
 
 from edge_runtime.config import MqttConfig
-from edge_runtime.fleet.aggregator import AggregatorService, RoundOpen, RoundRecord, Verdict
 from edge_runtime.fleet.mqtt_client import InboundMessage, MqttLink
 from edge_runtime.fleet.protocol import (
     Ack,
@@ -29,6 +28,7 @@ from edge_runtime.fleet.protocol import (
     Topics,
 )
 from edge_runtime.fleet.transfer import TransferError, TransferTable, iter_chunks
+from edge_runtime.rounds.server import AggregatorService, RoundOpen, RoundRecord, Verdict
 
 __all__ = ["AggregatorNode", "publish_transfer"]
 
@@ -66,6 +66,9 @@ class AggregatorNode:
     start_clients: int = 0  # devices to wait for before round 0 (0: the quorum, min_clients)
     threads: int = 1  # torch threads in the worker (per-update ops are small; see run())
     linger_s: float = 5.0
+    # a simulated fleet decides when a round is complete and how long it took
+    ready: Callable[[AggregatorService], bool] | None = None
+    duration: Callable[[], float] | None = None
     topics: Topics = field(init=False)
     link: MqttLink = field(init=False)
 
@@ -148,7 +151,6 @@ class AggregatorNode:
         if pt.kind not in ("up_manifest", "up_chunk"):
             return
         tid = pt.transfer_id or ""
-        svc.count_up(len(msg.topic) + len(msg.payload))
         done = self._verdicts.get((dev, tid))
         if done is not None:
             # a re-send of a finished transfer (lost ack, restarted agent): repeat the answer,
@@ -222,8 +224,8 @@ class AggregatorNode:
                 self._remember_offsets(opened)
                 self._publish_round(opened)
             self._drain(0.2)
-            if svc.ready_to_close():
-                rec = svc.close_round()
+            if (self.ready is not None and self.ready(svc)) or svc.ready_to_close():
+                rec = svc.close_round(self.duration() if self.duration is not None else None)
                 if rec is None:  # extended below quorum: re-announce with the new deadline
                     opened = svc.current()
                     self._remember_offsets(opened)

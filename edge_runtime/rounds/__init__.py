@@ -1,0 +1,1 @@
+"""The round engine: one server side (`server.py`) and one device side (`device.py`)."""

@@ -1,0 +1,541 @@
+"""The server side of a round, whatever the transport: `plan_round`, `accept_update`,
+`close_round`, with persisted state.
+
+No network here: the MQTT node (`edge_runtime.fleet.server`) and the in-process
+transport (`edge_runtime.transport.inproc`) both drive this class. It holds the round
+state, checks every update (`fleet.validation`), folds accepted ones into the strategy's
+running accumulator (memory of one adapter, not one per device) and persists itself
+atomically so that a `kill -9` at any point resumes with nothing merged twice:
+
+    STATE/state.json                 the typed `ServerState` (round, open round, registry,
+                                     counters, metrics, the resolved strategy config);
+                                     replaced atomically (tmp + rename)
+    STATE/global_r{k}.safetensors    the global adapter after k merged rounds
+    STATE/journal/r{k}/{dev}.bin     accepted update bytes of the open round k, written
+                                     (atomically) *before* the device is acked
+
+An update is "in" exactly when its journal file exists. On resume the accumulator is
+rebuilt by re-folding the journal, a device re-sending gets "duplicate", and the round
+commits by writing global_r{k+1} and then state.json (the commit point) before the
+journal of round k is deleted.
+
+Metrics (one schema for demo, simulate and aggregator; `metrics_json`): record 0 is the
+base model (the round-0 global adapter has B = 0), record k the global after k merges.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import random
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from edge_runtime.adapter import Adapter, LoRAWeights
+from edge_runtime.config import (
+    FleetConfig,
+    SAFedLoRAConfig,
+    StrategyConfig,
+    StrategyName,
+    TrainConfig,
+    to_jsonable,
+)
+from edge_runtime.files import atomic_write
+from edge_runtime.fl.registry import make_strategy
+from edge_runtime.fl.types import Accumulator, ClientPlan, ClientUpdate
+from edge_runtime.fl.types import UpdateMismatchError as StrategyRefused
+from edge_runtime.fleet.codec import decode_adapter, encode_adapter
+from edge_runtime.fleet.protocol import (
+    PROTOCOL_VERSION,
+    DevicePlan,
+    Manifest,
+    ProtocolError,
+    Register,
+    RoundAnnouncement,
+    check_id,
+)
+from edge_runtime.fleet.transfer import TransferError, make_manifest
+from edge_runtime.fleet.validation import UpdateRejected, validate_update
+from edge_runtime.lora import seeded_lora_a
+from edge_runtime.planning import GlobalShape, Planner
+
+__all__ = ["AggregatorService", "Verdict", "RoundOpen", "RoundRecord", "initial_global",
+           "METRICS_SCHEMA", "ROUND_KEYS", "metrics_document"]
+
+log = logging.getLogger(__name__)
+STATE_VERSION = 2
+MAX_EXTENSIONS = 3
+METRICS_SCHEMA = 1
+ROUND_KEYS = ("round", "eval_loss", "bytes_up", "bytes_down", "time_s", "participants",
+              "selected", "stragglers", "rejected")
+
+
+def initial_global(shape: GlobalShape, shapes: dict[str, tuple[int, int]], seed: int) -> Adapter:
+    """Round-0 global adapter: seeded lora_a (identical on every device), lora_b = 0."""
+    out: Adapter = {}
+    for name in shape.modules():
+        d_out, d_in = shapes[name]
+        out[name] = LoRAWeights(seeded_lora_a(seed, name, shape.r_max, d_in),
+                                torch.zeros(d_out, shape.r_max), shape.alpha)
+    return out
+
+
+@dataclass
+class Verdict:
+    accepted: bool
+    reason: str = ""
+    detail: str = ""
+
+
+@dataclass
+class RoundOpen:
+    """What a transport delivers for the open round."""
+
+    announcement: RoundAnnouncement
+    downloads: dict[str, tuple[Manifest, bytes]]  # transfer id -> (manifest, bytes)
+
+
+@dataclass
+class RoundRecord:
+    """One metrics record: record 0 is the base model, record k the global after k merges.
+
+    `bytes_up` / `bytes_down` are adapter payload bytes (updates received whole; the
+    downloads of the selected devices), the same on every transport; `time_s` is
+    cumulative (wall seconds in a fleet, simulated seconds in a simulation).
+    """
+
+    round: int
+    eval_loss: float | None
+    bytes_up: int = 0
+    bytes_down: int = 0
+    time_s: float = 0.0
+    participants: int = 0
+    selected: list[str] = field(default_factory=list)
+    stragglers: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+    accepted: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in ROUND_KEYS}
+
+
+@dataclass
+class DeviceRecord:
+    n_samples: int
+    profile: dict[str, Any]
+    device_class: str
+    rank_caps: dict[str, int] = field(default_factory=dict)  # HetLoRA: ranks it pruned to
+
+
+@dataclass
+class OpenRound:
+    started_unix: float
+    deadline_unix: float
+    plans: dict[str, dict[str, Any]]  # device -> ClientPlan JSON
+    extensions: int = 0
+
+
+@dataclass
+class ServerState:
+    """Everything `state.json` holds (typed; written whole at each commit)."""
+
+    version: int
+    fingerprint: str
+    strategy: dict[str, Any]
+    round: int = 0
+    open: OpenRound | None = None
+    devices: dict[str, DeviceRecord] = field(default_factory=dict)
+    rejected: dict[str, int] = field(default_factory=dict)
+    metrics: list[RoundRecord] = field(default_factory=list)
+    round_bytes: list[int] = field(default_factory=lambda: [0, 0])
+    round_rejected: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> ServerState:
+        op = d.get("open")
+        return cls(version=int(d["version"]), fingerprint=str(d["fingerprint"]),
+                   strategy=dict(d["strategy"]), round=int(d["round"]),
+                   open=OpenRound(**op) if op else None,
+                   devices={k: DeviceRecord(**v) for k, v in d.get("devices", {}).items()},
+                   rejected=dict(d.get("rejected", {})),
+                   metrics=[RoundRecord(**m) for m in d.get("metrics", [])],
+                   round_bytes=list(d.get("round_bytes", [0, 0])),
+                   round_rejected=dict(d.get("round_rejected", {})))
+
+
+def resolve_strategy(cfg: StrategyConfig, start: Adapter) -> StrategyConfig:
+    """Fix what a strategy needs from the run's start (SA-FedLoRA's b0), once, as config."""
+    s = cfg.settings
+    if isinstance(s, SAFedLoRAConfig) and s.b0 is None:
+        return StrategyConfig(cfg.name, replace(s, b0=sum(w.rank for w in start.values())))
+    return cfg
+
+
+class AggregatorService:
+    """Round state machine of the federated server (see module docstring).
+
+    Args:
+        fleet: rounds, selection, deadlines and limits.
+        strategy: the strategy's typed config; it travels to every device with each round.
+        recipe: the local training recipe sent to devices (each device derives its own
+            seed from it, the round and its id).
+        planner: decides each device's plan (`edge_runtime.planning.Planner`).
+        shapes: {module: (d_out, d_in)} of the base model's candidate layers.
+        fingerprint: the base model fingerprint devices must have trained on.
+        state_dir: where state is persisted (created; resumed if it holds a state).
+        seed: seeds lora_a of the round-0 global and the per-round selection.
+        evaluator: optional global adapter -> eval loss (record 0 and after each merge).
+        clock: wall clock (seconds since the epoch); replaced in tests.
+    """
+
+    def __init__(self, fleet: FleetConfig, strategy: StrategyConfig, recipe: TrainConfig,
+                 planner: Planner, shapes: dict[str, tuple[int, int]], fingerprint: str,
+                 state_dir: Path, *, seed: int = 0,
+                 evaluator: Callable[[Adapter], float] | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.cfg = fleet
+        self.recipe = recipe
+        self.planner = planner
+        self.shape = planner.shape
+        self.shapes = dict(shapes)
+        self.fingerprint = fingerprint
+        self.state_dir = Path(state_dir)
+        self.seed = seed
+        self.evaluator = evaluator
+        self.clock = clock
+        self.online: set[str] = set()
+        self._acc: Accumulator | None = None
+        self._accepted: dict[str, int] = {}
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        if (self.state_dir / "state.json").exists():
+            self.st = self._load_state(strategy)
+            self.strategy_cfg = StrategyConfig.from_json(self.st.strategy)
+            self.global_adapter, _ = decode_adapter(self._global_path(self.st.round).read_bytes())
+        else:
+            self.global_adapter = initial_global(self.shape, self.shapes, seed)
+            self.strategy_cfg = resolve_strategy(strategy, self.global_adapter)
+            self.st = ServerState(STATE_VERSION, fingerprint, self.strategy_cfg.to_json())
+            base = self.evaluator(self.global_adapter) if self.evaluator else None
+            self.st.metrics.append(RoundRecord(round=0, eval_loss=base))
+            atomic_write(self._global_path(0), encode_adapter(self.global_adapter))
+            self._save_state()
+        self.planner = replace(planner, strategy=self.strategy_cfg)
+        self.strategy = make_strategy(self.strategy_cfg)
+        if self.st.open is not None:
+            self._refold_journal()
+
+    # views ---------------------------------------------------------------------------
+    @property
+    def round(self) -> int:
+        """Merged rounds so far (= the 0-based index of the open or next round)."""
+        return self.st.round
+
+    @property
+    def open(self) -> OpenRound | None:
+        return self.st.open
+
+    @property
+    def devices(self) -> dict[str, DeviceRecord]:
+        return self.st.devices
+
+    @property
+    def metrics(self) -> list[RoundRecord]:
+        return self.st.metrics
+
+    @property
+    def accepted(self) -> list[str]:
+        return list(self._accepted)
+
+    @property
+    def finished(self) -> bool:
+        return self.st.round >= self.cfg.rounds
+
+    # persistence -----------------------------------------------------------------
+    def _global_path(self, k: int) -> Path:
+        return self.state_dir / f"global_r{k}.safetensors"
+
+    def _journal_dir(self, k: int) -> Path:
+        return self.state_dir / "journal" / f"r{k}"
+
+    def _save_state(self) -> None:
+        atomic_write(self.state_dir / "state.json",
+                     json.dumps(to_jsonable(asdict(self.st)), indent=1).encode())
+
+    def _load_state(self, strategy: StrategyConfig) -> ServerState:
+        path = self.state_dir / "state.json"
+        try:
+            st = ServerState.from_json(json.loads(path.read_text()))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ProtocolError(f"aggregator state {path} is unreadable ({e}); move the --state "
+                                "directory away to start afresh") from None
+        if (st.version != STATE_VERSION or st.fingerprint != self.fingerprint
+                or st.strategy.get("name") != strategy.name.value):
+            raise ProtocolError(f"aggregator state in {self.state_dir} is for base "
+                                f"{st.fingerprint[:12]} / strategy {st.strategy.get('name')} "
+                                f"(state version {st.version}); use another --state directory")
+        return st
+
+    def _refold_journal(self) -> None:
+        self._acc = self.strategy.accumulator(self.global_adapter, self.round)
+        self._accepted = {}
+        jdir = self._journal_dir(self.round)
+        for f in sorted(jdir.glob("*.bin")) if jdir.is_dir() else []:
+            adapter, meta = decode_adapter(f.read_bytes())
+            self._fold(f.stem, adapter, int(meta["n_samples"]))
+        log.info("resumed aggregator state: round %d, %d accepted in the open round",
+                 self.round, len(self._accepted))
+
+    # registry ----------------------------------------------------------------------
+    def register(self, reg: Register) -> str | None:
+        """Record a device; returns a refusal reason if it cannot take part."""
+        if reg.version != PROTOCOL_VERSION:
+            self._count("register_protocol_version")
+            return "protocol_version"
+        if reg.fingerprint != self.fingerprint:
+            self._count("register_bad_fingerprint")
+            return "bad_fingerprint"
+        old = self.st.devices.get(reg.device_id)
+        self.st.devices[reg.device_id] = DeviceRecord(
+            reg.n_samples, reg.profile, reg.device_class,
+            old.rank_caps if old is not None and old.profile == reg.profile else {})
+        self.online.add(reg.device_id)
+        return None
+
+    def set_online(self, device_id: str, online: bool) -> None:
+        (self.online.add if online else self.online.discard)(device_id)
+
+    # round verbs -----------------------------------------------------------------------
+    def _plan(self, dev: str) -> ClientPlan:
+        info = self.st.devices[dev]
+        plan = self.planner.plan(dev, info.profile, info.device_class)
+        # never above what the global adapter holds now (SA-FedLoRA shrinks it), nor above
+        # the ranks a HetLoRA device pruned itself to (its pruned rank sticks, sec. 3.2)
+        ranks = {n: min(r, self.global_adapter[n].rank, info.rank_caps.get(n, r))
+                 for n, r in plan.ranks.items()}
+        return ClientPlan(dev, ranks, plan.alpha, plan.device_class)
+
+    def _select(self, exclude: set[str]) -> list[str]:
+        pool = sorted(d for d in self.online if d in self.st.devices and d not in exclude)
+        k = max(1, math.ceil(self.cfg.fraction * len(pool))) if pool else 0
+        if self.cfg.max_clients:
+            k = min(k, self.cfg.max_clients)
+        if k < len(pool):
+            pool = sorted(random.Random(self.seed * 1000003 + self.round).sample(pool, k))
+        return pool
+
+    def plan_round(self) -> RoundOpen:
+        """Open the next round: select online devices, give each a plan and a download."""
+        if self.finished:
+            raise RuntimeError("all rounds are done")
+        if self.st.open is not None:
+            return self.current()
+        now = self.clock()
+        plans = {d: self._plan(d).to_json() for d in self._select(set())}
+        self.st.open = OpenRound(now, now + self.cfg.round_timeout_s, plans)
+        self._acc = self.strategy.accumulator(self.global_adapter, self.round)
+        self._accepted = {}
+        self.st.round_rejected = {}
+        opened = self.current()
+        self.st.round_bytes = [0, sum(opened.downloads[dp.global_transfer_id][0].size
+                                      for dp in opened.announcement.devices.values())]
+        self._save_state()
+        log.info("round %d open: %d devices, deadline in %.0f s", self.round, len(plans),
+                 self.cfg.round_timeout_s)
+        return opened
+
+    def current(self) -> RoundOpen:
+        """The open round's announcement and downloads (recomputed, deterministic)."""
+        assert self.st.open is not None
+        return self._round_open(self.st.open.plans, self.st.open.deadline_unix, False)
+
+    def final_round(self) -> RoundOpen:
+        """After the last merge: every registered device's share of the final global."""
+        plans = {d: self._plan(d).to_json() for d in sorted(self.st.devices)}
+        return self._round_open(plans, self.clock(), True)
+
+    def _round_open(self, plans: dict[str, Any], deadline: float, finished: bool) -> RoundOpen:
+        downloads: dict[str, tuple[Manifest, bytes]] = {}
+        devices: dict[str, DevicePlan] = {}
+        by_key: dict[str, str] = {}
+        recipe = to_jsonable(self.recipe)
+        compression = self.cfg.compression.value
+        for dev, pj in sorted(plans.items()):
+            plan = ClientPlan.from_json(pj)
+            key = json.dumps({"ranks": plan.ranks, "alpha": plan.alpha}, sort_keys=True)
+            tid = by_key.get(key)
+            if tid is None:  # devices with the same plan share one download
+                digest = hashlib.sha256(key.encode()).hexdigest()[:10]
+                tid = f"g{self.round}-{digest}"
+                data = encode_adapter(self.strategy.distribute(self.global_adapter, plan),
+                                      {"round": self.round, "fingerprint": self.fingerprint},
+                                      compression)
+                downloads[tid] = (make_manifest(data, kind="global", round=self.round,
+                                                chunk_size=self.cfg.chunk_size,
+                                                compression=compression,
+                                                transfer_id=tid), data)
+                by_key[key] = tid
+            devices[dev] = DevicePlan(plan=pj, global_transfer_id=tid, train=recipe)
+        ann = RoundAnnouncement(round=self.round, deadline_unix=deadline,
+                                fingerprint=self.fingerprint, strategy=self.strategy_cfg.to_json(),
+                                devices=devices, finished=finished)
+        return RoundOpen(ann, downloads)
+
+    def _count(self, reason: str, this_round: bool = False) -> None:
+        self.st.rejected[reason] = self.st.rejected.get(reason, 0) + 1
+        if this_round:
+            self.st.round_rejected[reason] = self.st.round_rejected.get(reason, 0) + 1
+
+    def count_rejection(self, device_id: str, reason: str, detail: str = "") -> Verdict:
+        self._count(reason, this_round=True)
+        log.warning("rejected update from %s: %s %s", device_id, reason, detail)
+        return Verdict(False, reason, detail)
+
+    def accept_update(self, device_id: str, manifest: Manifest, payload: bytes) -> Verdict:
+        """Validate one complete update and fold it in; every refusal is counted by reason."""
+        try:
+            check_id(device_id, "update")
+        except ProtocolError as e:
+            return self.count_rejection(device_id, "bad_manifest", str(e))
+        op = self.st.open
+        if manifest.round != self.round or op is None:
+            # a straggler is a device picked for the round just closed that never delivered;
+            # anything else for a closed round (e.g. a re-sent accepted update) is a replay
+            prev = self.st.metrics[-1] if len(self.st.metrics) > 1 else None
+            late = (prev is not None and manifest.round == self.round - 1
+                    and device_id in prev.selected and device_id not in prev.accepted)
+            reason = "late" if late else "stale_round"
+            return self.count_rejection(device_id, reason,
+                                        f"update for round {manifest.round}, open round is "
+                                        f"{self.round if op else 'none'}")
+        pj = op.plans.get(device_id)
+        if pj is None:
+            return self.count_rejection(device_id, "not_selected",
+                                        f"{device_id} is not selected for round {self.round}")
+        if device_id in self._accepted:
+            return self.count_rejection(device_id, "duplicate",
+                                        f"{device_id} already has an update in round {self.round}")
+        if len(payload) > self.cfg.max_update_bytes:
+            return self.count_rejection(device_id, "oversize", f"{len(payload)} bytes")
+        self.st.round_bytes[0] += len(payload)
+        try:
+            adapter, meta = decode_adapter(payload)
+            meta = {**manifest.meta, **meta}
+            n = validate_update(adapter, meta, plan=ClientPlan.from_json(pj), shapes=self.shapes,
+                                fingerprint=self.fingerprint, max_norm=self.cfg.max_update_norm)
+            if meta.get("round") != self.round:
+                raise UpdateRejected("stale_round", f"payload says round {meta.get('round')}")
+        except TransferError as e:
+            return self.count_rejection(device_id, e.reason, e.detail)
+        # journal first (the update is "in" once this file exists), then fold
+        jdir = self._journal_dir(self.round)
+        jdir.mkdir(parents=True, exist_ok=True)
+        atomic_write(jdir / f"{device_id}.bin",
+                     encode_adapter(adapter, {"n_samples": n, "round": self.round}))
+        try:
+            self._fold(device_id, adapter, n)
+        except StrategyRefused as e:  # the strategy's own checks: drop the journal entry
+            (jdir / f"{device_id}.bin").unlink(missing_ok=True)
+            return self.count_rejection(device_id, "bad_shape", f"strategy refused it: {e}")
+        if self.strategy_cfg.name is StrategyName.HETLORA:
+            self.st.devices[device_id].rank_caps = {k: w.rank for k, w in adapter.items()}
+        log.info("round %d: accepted update from %s (%d samples)", self.round, device_id, n)
+        return Verdict(True)
+
+    def _fold(self, dev: str, adapter: Adapter, n: int) -> None:
+        assert self._acc is not None and self.st.open is not None
+        plan = ClientPlan.from_json(self.st.open.plans[dev])
+        self._acc.add(ClientUpdate(dev, adapter, n, plan=plan))
+        self._accepted[dev] = n
+
+    def ready_to_close(self) -> bool:
+        """All selected devices answered, or the deadline passed."""
+        op = self.st.open
+        if op is None:
+            return False
+        if op.plans and set(self._accepted) >= set(op.plans):
+            return True
+        return self.clock() >= op.deadline_unix
+
+    def close_round(self, duration_s: float | None = None) -> RoundRecord | None:
+        """Merge and persist; or, below quorum at the deadline, extend it (returns None).
+
+        `duration_s`: how long the round took (a simulation's clock); default: wall time
+        since it opened.
+        """
+        op = self.st.open
+        assert op is not None and self._acc is not None
+        if len(self._accepted) < self.cfg.min_clients and op.extensions < MAX_EXTENSIONS:
+            op.extensions += 1
+            op.deadline_unix = self.clock() + self.cfg.round_timeout_s
+            for dev in self._select(set(op.plans)):  # late joiners get a plan
+                op.plans[dev] = self._plan(dev).to_json()
+            self._save_state()
+            log.warning("round %d: %d/%d updates at the deadline; extending (%d/%d)",
+                        self.round, len(self._accepted), self.cfg.min_clients, op.extensions,
+                        MAX_EXTENSIONS)
+            return None
+        selected = sorted(op.plans)
+        stragglers = [d for d in selected if d not in self._accepted]
+        if stragglers:
+            for reasons in (self.st.rejected, self.st.round_rejected):
+                reasons["straggler_dropped"] = reasons.get("straggler_dropped", 0) + len(stragglers)
+        new_global = self._acc.result() if self._accepted else self.global_adapter
+        eval_loss = self.evaluator(new_global) if self.evaluator is not None else None
+        took = duration_s if duration_s is not None else self.clock() - op.started_unix
+        rec = RoundRecord(round=self.round + 1, eval_loss=eval_loss,
+                          bytes_up=self.st.round_bytes[0], bytes_down=self.st.round_bytes[1],
+                          time_s=round(self.st.metrics[-1].time_s + took, 3),
+                          participants=len(self._accepted), selected=selected,
+                          stragglers=len(stragglers), rejected=dict(self.st.round_rejected),
+                          accepted=sorted(self._accepted))
+        atomic_write(self._global_path(self.round + 1), encode_adapter(new_global))
+        closed = self.round
+        self.st.metrics.append(rec)
+        self.st.round += 1
+        self.st.open = None
+        self._accepted = {}
+        self._acc = None
+        self.global_adapter = new_global
+        self.st.round_bytes = [0, 0]
+        self.st.round_rejected = {}
+        self._save_state()  # commit point
+        shutil.rmtree(self._journal_dir(closed), ignore_errors=True)
+        old = self._global_path(closed - 1)
+        if closed >= 1 and old.exists():
+            old.unlink()
+        log.info("round %d merged: %d participants, %d stragglers, eval_loss %s", closed + 1,
+                 rec.participants, rec.stragglers, eval_loss)
+        return rec
+
+    def plans(self) -> dict[str, dict[str, Any]]:
+        """{device: {class, modules, depth, rank_sum, max_rank}} of each device's plan now."""
+        out = {}
+        for dev in sorted(self.st.devices):
+            p = self._plan(dev)
+            out[dev] = {"class": p.device_class, "modules": len(p.ranks),
+                        "depth": len({n.split(".")[2] for n in p.ranks}),
+                        "rank_sum": sum(p.ranks.values()),
+                        "max_rank": max(p.ranks.values(), default=0)}
+        return out
+
+    def metrics_json(self, config: dict[str, Any], clock: str = "wall") -> dict[str, Any]:
+        return metrics_document(self.strategy_cfg.name.value, config, self.st.metrics,
+                                dict(self.st.rejected), self.plans(), clock)
+
+
+def metrics_document(strategy: str, config: dict[str, Any], records: list[RoundRecord],
+                     rejected: dict[str, int], plans: dict[str, Any], clock: str
+                     ) -> dict[str, Any]:
+    """The one metrics.json schema (README, "Metrics")."""
+    return {"schema": METRICS_SCHEMA, "strategy": strategy, "clock": clock, "config": config,
+            "rounds": [r.to_json() for r in records],
+            "fleet": {"rejected": rejected, "plans": plans}}
+
