@@ -773,8 +773,11 @@ class RunConfig:
         self.train.seed = self.seed  # the run has one seed
 
     def to_json(self) -> dict:
+        """A run file's content (what `from_dict` reads back): train.seed is the run's seed,
+        and the MQTT password is never written out."""
         out = to_jsonable(self)
-        out["mqtt"].pop("password", None)  # never written to metrics or logs
+        out["train"].pop("seed", None)
+        out["mqtt"].pop("password", None)
         return out
 
     @classmethod

@@ -142,5 +142,4 @@ def run_simulation(run: RunConfig) -> dict[str, Any]:
             run_inproc(svc, devices, loaded, scheduler, run.fleet.compression)
         config = run.to_json()
         config["strategy"] = svc.strategy_cfg.to_json()
-        config["model"]["fingerprint"] = loaded.fingerprint
         return svc.metrics_json(config, clock="simulated")

@@ -203,8 +203,6 @@ def run_demo(run: RunConfig, out: Path, broker_url: str | None = None,
 
     config = run.to_json()
     config["strategy"] = svc.strategy_cfg.to_json()
-    config["model"]["fingerprint"] = loaded.fingerprint
-    config["device_classes"] = [DEVICE_CLASSES[k % len(DEVICE_CLASSES)] for k in range(n_clients)]
     metrics = svc.metrics_json(config)
     if broker is not None:  # MQTT packets the embedded broker counted (topics, acks, ...)
         metrics["fleet"]["wire"] = [{"round": i + 1, "up": up, "down": down}

@@ -492,7 +492,7 @@ class AggregatorService:
         took = duration_s if duration_s is not None else self.clock() - op.started_unix
         rec = RoundRecord(round=self.round + 1, eval_loss=eval_loss,
                           bytes_up=self.st.round_bytes[0], bytes_down=self.st.round_bytes[1],
-                          time_s=round(self.st.metrics[-1].time_s + took, 3),
+                          time_s=round(self.st.metrics[-1].time_s + took, 6),
                           participants=len(self._accepted), selected=selected,
                           stragglers=len(stragglers), rejected=dict(self.st.round_rejected),
                           accepted=sorted(self._accepted))
@@ -528,14 +528,15 @@ class AggregatorService:
 
     def metrics_json(self, config: dict[str, Any], clock: str = "wall") -> dict[str, Any]:
         return metrics_document(self.strategy_cfg.name.value, config, self.st.metrics,
-                                dict(self.st.rejected), self.plans(), clock)
+                                dict(self.st.rejected), self.plans(), clock, self.fingerprint)
 
 
 def metrics_document(strategy: str, config: dict[str, Any], records: list[RoundRecord],
-                     rejected: dict[str, int], plans: dict[str, Any], clock: str
-                     ) -> dict[str, Any]:
+                     rejected: dict[str, int], plans: dict[str, Any], clock: str,
+                     fingerprint: str) -> dict[str, Any]:
     """The one metrics.json schema (README, "Metrics")."""
-    return {"schema": METRICS_SCHEMA, "strategy": strategy, "clock": clock, "config": config,
+    return {"schema": METRICS_SCHEMA, "strategy": strategy, "clock": clock,
+            "base_fingerprint": fingerprint, "config": config,
             "rounds": [r.to_json() for r in records],
             "fleet": {"rejected": rejected, "plans": plans}}
 

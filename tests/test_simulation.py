@@ -1,0 +1,108 @@
+"""The simulated fleet on the in-process transport: plans per class, failures, the CLI."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from edge_runtime.cli import main
+from edge_runtime.config import RunConfig
+from edge_runtime.datasets.build import pull_dataset
+from edge_runtime.fl.registry import STRATEGIES
+from edge_runtime.rounds.server import ROUND_KEYS
+from edge_runtime.simulation import run_simulation
+
+FIX = Path(__file__).parent / "datasets" / "fixtures" / "sentiment"
+CLASSES = "rpi4-2gb,rpi5-4gb,android-flagship-12gb"
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sent")
+    pull_dataset("sentiment", out, n_clients=3, raw=FIX)
+    return out
+
+
+def small(strategy: str, data: Path, **sections) -> RunConfig:
+    d = {"strategy": {"name": strategy}, "model": {"name": "tiny"},
+         "adapter": {"r_min": 2, "r_max": 8, "depth": 0},
+         "train": {"steps": 2, "seq_len": 48, "batch_size": 2, "lr": 1e-3},
+         "fleet": {"rounds": 2}, "data": {"path": str(data), "eval_max": 6},
+         "sim": {"clients": 3, "device_classes": CLASSES}}
+    for k, v in sections.items():
+        d.setdefault(k, {}).update(v)
+    return RunConfig.from_dict(d)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_every_strategy_runs_on_tiny(strategy, data_dir):
+    m = run_simulation(small(strategy, data_dir))
+    assert m["strategy"] == strategy and m["clock"] == "simulated"
+    assert [r["round"] for r in m["rounds"]] == [0, 1, 2]
+    for r in m["rounds"]:
+        assert set(r) == set(ROUND_KEYS) and math.isfinite(r["eval_loss"])
+    for r in m["rounds"][1:]:
+        assert r["participants"] == 3 and r["bytes_up"] > 0 and r["bytes_down"] > 0
+        assert r["time_s"] > 0
+    assert m["rounds"][2]["time_s"] > m["rounds"][1]["time_s"]
+    assert m["rounds"][-1]["eval_loss"] != m["rounds"][0]["eval_loss"]  # it trained
+    plans = m["fleet"]["plans"]
+    if strategy in ("hetlora", "flexlora"):  # ranks follow the device class
+        assert len({p["rank_sum"] for p in plans.values()}) == 3
+    if strategy in ("fedavg", "sa-fedlora"):  # homogeneous
+        assert len({p["rank_sum"] for p in plans.values()}) == 1
+    if strategy == "legend":  # the faster classes get deeper or wider plans
+        sums = [plans[f"sim-{i:03d}"]["rank_sum"] for i in range(3)]
+        assert sums[0] <= sums[1] <= sums[2] and sums[0] < sums[2]
+    assert m["config"]["strategy"]["name"] == strategy
+    again = RunConfig.from_dict(m["config"])  # the resolved config reads back as a run file
+    assert again.to_json() == m["config"]
+
+
+def test_all_dropped_round_keeps_the_global(data_dir):
+    m = run_simulation(small("hetlora", data_dir, sim={"dropout": 0.999},
+                             fleet={"rounds": 1}))
+    r1 = m["rounds"][1]
+    assert r1["participants"] == 0 and r1["bytes_up"] == 0 and r1["stragglers"] == 3
+    assert r1["eval_loss"] == pytest.approx(m["rounds"][0]["eval_loss"], abs=1e-6)
+
+
+def test_deadline_drops_the_slow_class(data_dir):
+    """With a deadline between the classes' predicted times, only the fast devices report."""
+    base = run_simulation(small("flexlora", data_dir, fleet={"rounds": 1}))
+    t = base["rounds"][1]["time_s"]
+    m = run_simulation(small("flexlora", data_dir, fleet={"rounds": 1},
+                             sim={"deadline_s": t * 0.9}))
+    r1 = m["rounds"][1]
+    assert 0 < r1["participants"] < 3 and r1["time_s"] == pytest.approx(t * 0.9, abs=1e-6)
+
+
+def test_cli_writes_metrics_and_rejects_bad_input(data_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["simulate", "--strategy", "flexlora", "--model", "tiny", "--clients", "3",
+                 "--rounds", "1", "--data", str(data_dir), "--local-steps", "1",
+                 "--seq-len", "32", "--eval-max", "4", "--classes", CLASSES, "--out", str(out)])
+    assert code == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["strategy"] == "flexlora" and len(m["rounds"]) == 2
+    assert m["config"]["train"]["steps"] == 1 and m["config"]["sim"]["clients"] == 3
+    code = main(["simulate", "--strategy", "hetlora", "--clients", "5", "--data",
+                 str(data_dir), "--out", str(tmp_path / "x")])
+    assert code == 2 and "fewer than sim.clients" in capsys.readouterr().err
+    assert main(["data", "pull", "imagenet"]) == 2
+
+
+def test_plot_is_written_when_matplotlib_is_there(tmp_path):
+    import importlib.util
+
+    from edge_runtime.cli.simulate import plot_metrics
+
+    rows = [{"round": i, "eval_loss": 3.0 - 0.1 * i, "bytes_up": 10, "bytes_down": 20,
+             "time_s": 1.5 * i, "participants": 2} for i in range(3)]
+    ok = plot_metrics({"strategy": "hetlora", "clock": "simulated", "rounds": rows},
+                      tmp_path / "m.png")
+    assert ok == (importlib.util.find_spec("matplotlib") is not None)
+    if ok:
+        assert (tmp_path / "m.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
