@@ -32,6 +32,7 @@ import math
 import random
 import shutil
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -245,6 +246,11 @@ class AggregatorService:
     @property
     def devices(self) -> dict[str, DeviceRecord]:
         return self.st.devices
+
+    @property
+    def rejected(self) -> Counter[str]:
+        """Refusals by reason over the whole run."""
+        return Counter(self.st.rejected)
 
     @property
     def metrics(self) -> list[RoundRecord]:

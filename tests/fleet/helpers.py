@@ -10,11 +10,11 @@ from pathlib import Path
 from typing import Any
 
 from edge_runtime.checkpoints import load_model
-from edge_runtime.config import FleetConfig, MqttConfig
+from edge_runtime.config import MqttConfig, RunConfig
 from edge_runtime.fleet.agent import AgentConfig, DeviceAgent
-from edge_runtime.fleet.aggregator import AggregatorService
-from edge_runtime.fleet.build import build_service
 from edge_runtime.fleet.server import AggregatorNode
+from edge_runtime.rounds.build import build_service
+from edge_runtime.rounds.server import AggregatorService
 
 TRAIN = {"steps": 3, "lr": 1e-3, "batch_size": 4, "seq_len": 48}
 
@@ -29,14 +29,20 @@ def wait_for(cond: Callable[[], Any], timeout: float, what: str, step: float = 0
     raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
 
 
-def make_service(state: Path, *, strategy: str = "hetlora", rounds: int = 1,
-                 min_clients: int = 1, timeout_s: float = 30.0, max_update_bytes: int = 1 << 20,
-                 chunk_size: int = 64 * 1024) -> AggregatorService:
-    cfg = FleetConfig(strategy=strategy, rounds=rounds, min_clients=min_clients,
-                      round_timeout_s=timeout_s, max_update_bytes=max_update_bytes,
-                      chunk_size=chunk_size, wait_for_clients_s=60)
-    return build_service(load_model("tiny"), cfg, state, r_max=8, depth=2,
-                         targets=("q_proj", "v_proj"), alpha=16.0, train=TRAIN)
+def make_run(*, strategy: str = "hetlora", rounds: int = 1, min_clients: int = 1,
+             timeout_s: float = 30.0, max_update_bytes: int = 1 << 20,
+             chunk_size: int = 64 * 1024, **settings: Any) -> RunConfig:
+    return RunConfig.from_dict({
+        "strategy": {"name": strategy, **settings},
+        "fleet": {"rounds": rounds, "min_clients": min_clients, "round_timeout_s": timeout_s,
+                  "max_update_bytes": max_update_bytes, "chunk_size": chunk_size,
+                  "wait_for_clients_s": 60.0},
+        "adapter": {"r_max": 8, "depth": 2, "targets": ["q_proj", "v_proj"], "alpha": 16.0},
+        "train": TRAIN})
+
+
+def make_service(state: Path, **kw: Any) -> AggregatorService:
+    return build_service(load_model("tiny"), make_run(**kw), state)
 
 
 class Runner:

@@ -8,19 +8,24 @@ import pytest
 import torch
 
 from edge_runtime.adapter import LoRAWeights
-from edge_runtime.config import FleetConfig
-from edge_runtime.fl import make_strategy
+from edge_runtime.config import (
+    FleetConfig,
+    StrategyConfig,
+    StrategyName,
+    TrainConfig,
+    lora_module_name,
+)
 from edge_runtime.fl.types import ClientPlan
-from edge_runtime.fleet.aggregator import AggregatorService
 from edge_runtime.fleet.codec import decode_adapter, encode_adapter
-from edge_runtime.fleet.planning import GlobalShape, module_name
 from edge_runtime.fleet.protocol import Register
 from edge_runtime.fleet.transfer import make_manifest
+from edge_runtime.planning import GlobalShape, Planner
+from edge_runtime.rounds.server import AggregatorService
 
 FP = "f" * 64
 SHAPE = GlobalShape(n_layers=2, depth=2, r_max=8, targets=("q_proj", "v_proj"), alpha=16.0)
-SHAPES = {module_name(i, "q_proj"): (64, 64) for i in range(2)} | {
-    module_name(i, "v_proj"): (32, 64) for i in range(2)}
+SHAPES = {lora_module_name(i, "q_proj"): (64, 64) for i in range(2)} | {
+    lora_module_name(i, "v_proj"): (32, 64) for i in range(2)}
 
 
 class Clock:
@@ -34,10 +39,12 @@ class Clock:
 def make_service(tmp: Path, strategy: str = "fedavg", clock: Clock | None = None, *,
                  rounds: int = 2, min_clients: int = 1,
                  max_update_bytes: int = 1 << 20) -> AggregatorService:
-    cfg = FleetConfig(strategy=strategy, rounds=rounds, min_clients=min_clients,
-                      round_timeout_s=30, max_update_bytes=max_update_bytes)
-    return AggregatorService(cfg, make_strategy(strategy), SHAPE, SHAPES, FP, tmp / "state",
-                             clock=clock or Clock(), train={"steps": 2})
+    cfg = FleetConfig(rounds=rounds, min_clients=min_clients, round_timeout_s=30,
+                      max_update_bytes=max_update_bytes)
+    st = StrategyConfig(StrategyName(strategy))
+    return AggregatorService(cfg, st, TrainConfig(steps=2), Planner(SHAPE, st, steps=2,
+                                                                    deadline_s=30.0),
+                             SHAPES, FP, tmp / "state", clock=clock or Clock())
 
 
 def register(svc: AggregatorService, devs: dict[str, str]) -> None:
@@ -205,8 +212,8 @@ def test_each_strategy_runs_two_rounds(tmp_path: Path, strategy: str) -> None:
             assert {n: w.rank for n, w in start.items()} == plan.ranks
             assert send(svc, d, trained(plan, 10 * rnd + i)).accepted
         rec = svc.close_round()
-        assert rec is not None and rec.participants == 3 and rec.round == rnd
+        assert rec is not None and rec.participants == 3 and rec.round == rnd + 1
     assert svc.finished
     m = svc.metrics_json({})
-    assert [r["round"] for r in m["rounds"]] == [0, 1]
-    assert all(r["bytes_down"] > 0 for r in m["rounds"])
+    assert [r["round"] for r in m["rounds"]] == [0, 1, 2]
+    assert all(r["bytes_down"] > 0 and r["bytes_up"] > 0 for r in m["rounds"][1:])

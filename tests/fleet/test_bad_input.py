@@ -170,14 +170,14 @@ def test_bad_updates_each_refused_with_reason(mosquitto, tmp_path: Path) -> None
 
     assert agg.join(120) == 2
     assert good_run.join(60) == 2
-    r0 = svc.metrics[0]
-    assert sorted(r0["accepted"]) == ["good", "replay", "shuffled"]  # the round completed
+    r1 = svc.metrics[1]
+    assert sorted(r1.accepted) == ["good", "replay", "shuffled"]  # the round completed
     for reason in EXPECTED.values():
-        assert r0["rejected"][reason] == 1, reason
+        assert r1.rejected[reason] == 1, reason
     # every device that delivered nothing valid by the deadline is a dropped straggler
-    assert r0["rejected"]["straggler_dropped"] == len(BAD) + 1
+    assert r1.rejected["straggler_dropped"] == len(BAD) + 1
     assert svc.rejected["stale_round"] == 1 and svc.rejected["late"] == 1
-    assert "replay" not in svc.metrics[1]["accepted"]
+    assert "replay" not in svc.metrics[2].accepted
     attacker.link.close()
 
 

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from edge_runtime.rounds.server import ROUND_KEYS
+
 REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
@@ -28,14 +30,16 @@ def test_demo_runs_and_writes_metrics_and_adapter(tmp_path: Path) -> None:
     assert "[demo] round 2/2" in r.stderr
     m = json.loads((out / "metrics.json").read_text())
     assert m["strategy"] == "hetlora" and isinstance(m["config"], dict)
-    assert [x["round"] for x in m["rounds"]] == [0, 1]
-    for x in m["rounds"]:
-        assert set(x) == {"round", "eval_loss", "bytes_up", "bytes_down", "sim_time_s",
-                          "participants"}
+    assert [x["round"] for x in m["rounds"]] == [0, 1, 2]
+    assert m["clock"] == "wall" and m["config"]["sim"]["clients"] == 2
+    for x, wire in zip(m["rounds"][1:], m["fleet"]["wire"], strict=True):
+        assert set(x) == set(ROUND_KEYS)
         assert x["participants"] == 2
-        # two updates of a few kB each went up, two downloads came down, as MQTT packets
+        # two updates of a few kB each went up, two downloads came down; the broker's
+        # MQTT packets carry those payloads plus topics and acks
         assert x["bytes_up"] > 2 * 4000 and x["bytes_down"] > 2 * 4000
-    assert m["rounds"][-1]["eval_loss"] < m["config"]["base_eval_loss"]
+        assert wire["up"] > x["bytes_up"] and wire["down"] > x["bytes_down"]
+    assert m["rounds"][-1]["eval_loss"] < m["rounds"][0]["eval_loss"]
     from edge_runtime.adapter_io import load_adapter
     from edge_runtime.checkpoints import load_model
 

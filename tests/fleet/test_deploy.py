@@ -97,7 +97,7 @@ def test_a_round_runs_under_the_shipped_acl(tmp_path: Path) -> None:
                 for a in agents]
         assert agg.join(130) == 1
         assert [r.join(30) for r in runs] == [1, 1]
-        assert sorted(svc.metrics[0]["accepted"]) == ["pi-01", "pi-02"]
+        assert sorted(svc.metrics[1].accepted) == ["pi-01", "pi-02"]
         assert all(a.final_applied for a in agents)
     finally:
         m.stop()

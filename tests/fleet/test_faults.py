@@ -53,7 +53,7 @@ def test_broker_restarted_mid_round(mosquitto, tmp_path: Path) -> None:
     mosquitto.restart()  # persistence off: retained round, downloads and sessions are gone
     assert agg.join(150) == 2
     assert [r.join(30) for r in runs] == [2, 2]
-    assert [m["participants"] for m in svc.metrics] == [2, 2]
+    assert [m.participants for m in svc.metrics] == [0, 2, 2]
     assert svc.rejected.get("straggler_dropped", 0) == 0
     assert node.link.connects >= 2 and all(a.link.connects >= 2 for a in agents)
 
@@ -89,8 +89,8 @@ def test_agent_killed_mid_upload_then_rejoins(mosquitto, tmp_path: Path) -> None
             if p is not None and p.poll() is None:
                 p.kill()
     assert fast_run.join(30) == 1
-    assert svc.metrics[0]["participants"] == 2
-    assert sorted(svc.metrics[0]["accepted"]) == ["fast", "slow"]
+    assert svc.metrics[1].participants == 2
+    assert sorted(svc.metrics[1].accepted) == ["fast", "slow"]
     text = (tmp_path / "slow2.log").read_text()
     assert first_tid in text  # the restarted agent re-sent the update from its outbox ...
     assert "round 0 trained" not in text  # ... instead of training again
@@ -131,10 +131,10 @@ def test_aggregator_killed_and_resumed(mosquitto, tmp_path: Path) -> None:
                 p.kill()
     assert [r.join(60) for r in runs] == [2, 2]
     st = json.loads((state / "state.json").read_text())
-    assert [m["participants"] for m in st["metrics"]] == [2, 2]
-    assert [sorted(m["accepted"]) for m in st["metrics"]] == [["fast", "slow"]] * 2
+    assert [m["participants"] for m in st["metrics"]] == [0, 2, 2]
+    assert [sorted(m["accepted"]) for m in st["metrics"][1:]] == [["fast", "slow"]] * 2
     # whatever was re-sent after the restart was refused as a duplicate, never merged again
     assert st["rejected"].get("duplicate", 0) <= 2
     assert "resumed aggregator state: round 0, 1 accepted" in (tmp_path / "agg2.log").read_text()
     metrics = json.loads((state / "metrics.json").read_text())
-    assert [r["round"] for r in metrics["rounds"]] == [0, 1]
+    assert [r["round"] for r in metrics["rounds"]] == [0, 1, 2]

@@ -5,10 +5,21 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from edge_runtime.fleet.planning import CLASS_DEFAULTS, GlobalShape, module_name, plan_for_device
+from typing import Any
+
+from edge_runtime.config import StrategyConfig, StrategyName
+from edge_runtime.config import lora_module_name as module_name
+from edge_runtime.fl.types import ClientPlan
+from edge_runtime.planning import CLASS_DEFAULTS, GlobalShape, Planner
 
 REPO = Path(__file__).resolve().parents[2]
 SHAPE = GlobalShape(n_layers=30, depth=4, r_max=8, targets=("q_proj", "v_proj"), alpha=16.0)
+
+
+def plan_for_device(dev: str, profile: dict[str, Any], cls: str, shape: GlobalShape, *,
+                    strategy: str, steps: int, **kw: Any) -> ClientPlan:
+    planner = Planner(shape, StrategyConfig(StrategyName(strategy)), steps=steps, **kw)
+    return planner.plan(dev, profile, cls)
 
 
 def _layers(plan) -> set[int]:  # type: ignore[no-untyped-def]
@@ -61,7 +72,8 @@ def test_fedavg_gives_everyone_the_global_plan() -> None:
 def test_legend_uses_costs_and_ramps_toward_output() -> None:
     cost = {"fwd_s": 0.001, "bwd_s": 0.002, "rank_s": 0.0001, "base_mb": 300, "act_mb": 50,
             "rank_mb": 1.0, "mem_budget_mb": 520}
-    p = plan_for_device("d", {"legend_cost": cost}, "pi4", SHAPE, strategy="legend", steps=10)
+    p = plan_for_device("d", {"legend_cost": cost}, "pi4", SHAPE, strategy="legend", steps=10,
+                        deadline_s=60.0)
     # memory: 300 + L*50 + sum(r) <= 520 bounds the depth; all modules within the global
     assert set(p.ranks) <= set(SHAPE.modules())
     by_layer = {int(n.split(".")[2]): r for n, r in p.ranks.items()}

@@ -30,9 +30,14 @@ def test_topics_parse_roundtrip() -> None:
 
 
 def test_messages_roundtrip() -> None:
-    ann = RoundAnnouncement(round=2, deadline_unix=123.5, fingerprint="fp", strategy="fedavg",
+    ann = RoundAnnouncement(round=2, deadline_unix=123.5, fingerprint="fp",
+                            strategy={"name": "hetlora", "gamma": 0.8},
                             devices={"a": DevicePlan(plan={"rank": 4}, global_transfer_id="g")})
     assert RoundAnnouncement.from_bytes(ann.to_bytes()) == ann
+    # a device of another protocol version is told so, not handed a config it misreads
+    old = ann.to_bytes().replace(b'"version":2', b'"version":1')
+    with pytest.raises(ProtocolError, match="protocol version 1"):
+        RoundAnnouncement.from_bytes(old)
     reg = Register(device_id="a", fingerprint="fp", n_samples=10, profile={"x": 1})
     assert Register.from_bytes(reg.to_bytes()) == reg
     ack = Ack(device_id="a", round=1, transfer_id="t", status="rejected", reason="non_finite")
