@@ -12,9 +12,18 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["LoRAWeights", "Adapter", "layer_index", "adapter_num_params", "adapter_ranks"]
+__all__ = ["LoRAWeights", "Adapter", "layer_index", "adapter_num_params", "adapter_ranks",
+           "frobenius_norm_ba"]
 
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def frobenius_norm_ba(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """||B A||_F without forming B A: sqrt(tr((B^T B)(A A^T))), an r x r product,
+    O(r^2 (d_out + d_in)) instead of O(d_out d_in r). b (d_out, r), a (r, d_in)."""
+    btb = b.t() @ b  # (r, r)
+    aat = a @ a.t()  # (r, r)
+    return torch.sqrt(torch.clamp((btb * aat).sum(), min=0.0))  # tr(X Y) = sum(X * Y^T), Y sym.
 
 
 @dataclass
@@ -52,6 +61,11 @@ class LoRAWeights:
     def delta(self) -> torch.Tensor:
         """The dense update (d_out, d_in) = scale * B A. For tests and references only."""
         return self.scale * (self.lora_b.double() @ self.lora_a.double())
+
+    def delta_norm(self) -> float:
+        """||scale * B A||_F in float64 (HetLoRA's sparsity score, the server's norm bound)."""
+        return abs(self.scale) * float(frobenius_norm_ba(self.lora_b.double(),
+                                                         self.lora_a.double()))
 
     def clone(self) -> LoRAWeights:
         return LoRAWeights(self.lora_a.detach().clone(), self.lora_b.detach().clone(), self.alpha)

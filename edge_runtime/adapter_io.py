@@ -27,13 +27,13 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load, load_file, save, save_file
+from safetensors.torch import load_file, save_file
 
 from edge_runtime.adapter import Adapter, LoRAWeights, layer_index
 from edge_runtime.errors import AdapterMismatchError, UserError
 
 __all__ = ["AdapterMeta", "AdapterFormatError", "save_adapter", "load_adapter",
-           "adapter_to_bytes", "adapter_from_bytes", "CONFIG_FILE", "WEIGHTS_FILE",
+           "CONFIG_FILE", "WEIGHTS_FILE",
            "FINGERPRINT_KEY"]
 
 CONFIG_FILE = "adapter_config.json"
@@ -245,38 +245,3 @@ def _adapter_from_peft(tensors: dict[str, torch.Tensor], cfg: dict[str, Any],
             alpha *= math.sqrt(rank)
         adapter[name] = LoRAWeights(a.contiguous(), b.contiguous(), alpha)
     return adapter
-
-
-def adapter_to_bytes(adapter: Adapter, meta: dict[str, str]) -> bytes:
-    """Safetensors bytes: `<module>.lora_a`/`.lora_b` fp32, alphas and `meta` in the header."""
-    reserved = [k for k in meta if k.startswith("edge_rt.")]
-    if reserved:
-        raise ValueError(f"metadata keys {reserved} are reserved")
-    tensors: dict[str, torch.Tensor] = {}
-    for name, w in adapter.items():
-        tensors[f"{name}.lora_a"] = w.lora_a.detach().float().contiguous().clone()
-        tensors[f"{name}.lora_b"] = w.lora_b.detach().float().contiguous().clone()
-    header = {**{str(k): str(v) for k, v in meta.items()},
-              _ALPHAS_KEY: json.dumps({n: w.alpha for n, w in adapter.items()})}
-    return bytes(save(tensors, metadata=header))
-
-
-def adapter_from_bytes(data: bytes) -> tuple[Adapter, dict[str, str]]:
-    """Inverse of `adapter_to_bytes`. Raises AdapterFormatError on malformed input."""
-    meta = _safetensors_metadata(data, "adapter bytes")
-    try:
-        tensors = load(data)
-        alphas = json.loads(meta.pop(_ALPHAS_KEY))
-    except (SafetensorError, KeyError, json.JSONDecodeError, TypeError) as e:
-        raise AdapterFormatError(f"adapter bytes are malformed: {type(e).__name__}: {e}") from None
-    if not isinstance(alphas, dict) or set(alphas) != \
-            {k.rsplit(".", 1)[0] for k in tensors} or len(tensors) != 2 * len(alphas):
-        raise AdapterFormatError("adapter bytes: tensors and alphas do not match")
-    adapter: Adapter = {}
-    for name, alpha in alphas.items():
-        try:
-            adapter[name] = LoRAWeights(tensors[f"{name}.lora_a"], tensors[f"{name}.lora_b"],
-                                        float(alpha))
-        except (KeyError, ValueError, TypeError) as e:
-            raise AdapterFormatError(f"adapter bytes: module {name}: {e}") from None
-    return adapter, meta

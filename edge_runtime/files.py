@@ -1,11 +1,12 @@
-"""Small file helpers shared by the server and the device: crash-safe writes."""
+"""Small file helpers: crash-safe writes and file digests."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
-__all__ = ["atomic_write"]
+__all__ = ["atomic_write", "sha256_file"]
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -21,3 +22,12 @@ def atomic_write(path: Path, data: bytes) -> None:
         os.fsync(dfd)
     finally:
         os.close(dfd)
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

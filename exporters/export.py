@@ -23,7 +23,6 @@ from edge_runtime.adapter import Adapter
 from edge_runtime.checkpoints import LoadedModel
 from edge_runtime.errors import ConfigError, UserError
 from edge_runtime.lora import get_adapter, lora_modules
-from edge_runtime.tokenizer import Tokenizer
 from exporters.config import ExportConfig, ExportFormat
 from exporters.transforms import (
     choose_slots,
@@ -34,7 +33,7 @@ from exporters.transforms import (
     strip_lora,
 )
 
-__all__ = ["export_model", "read_manifest", "save_tokenizer", "MANIFEST", "ONNX_ADAPTER",
+__all__ = ["export_model", "read_manifest", "MANIFEST", "ONNX_ADAPTER",
            "ExportFolderError"]
 
 log = logging.getLogger(__name__)
@@ -46,22 +45,6 @@ MANIFEST_VERSION = 1
 
 class ExportFolderError(UserError):
     """An export folder is missing files or was written by something else."""
-
-
-def save_tokenizer(tok: Tokenizer, out_dir: Path) -> None:
-    """Write the tokenizer as a HF folder `Tokenizer.from_tokenizer_json` reads back."""
-    tok.backend.save(str(out_dir / "tokenizer.json"))
-    cfg: dict[str, Any] = {"add_bos_token": tok.add_bos}
-    if tok.bos_id is not None:
-        cfg["bos_token"] = tok.id_to_token(tok.bos_id)
-    if tok.eos_id is not None:
-        cfg["eos_token"] = tok.id_to_token(tok.eos_id)
-    cfg["pad_token"] = tok.id_to_token(tok.pad_id)
-    if tok.chat_template:
-        cfg["chat_template"] = tok.chat_template
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(cfg, indent=1), encoding="utf-8")
-    gen = {"eos_token_id": sorted(tok.eos_ids)}
-    (out_dir / "generation_config.json").write_text(json.dumps(gen), encoding="utf-8")
 
 
 def export_model(loaded: LoadedModel, cfg: ExportConfig, out_dir: str | Path,
@@ -105,7 +88,7 @@ def export_model(loaded: LoadedModel, cfg: ExportConfig, out_dir: str | Path,
         if slots:
             save_file(slot_tensors(adapter, slots, None), str(out / ONNX_ADAPTER))
             info["adapter_data"] = ONNX_ADAPTER
-    save_tokenizer(loaded.tokenizer, out)
+    loaded.tokenizer.save(out)
     manifest: dict[str, Any] = {
         "version": MANIFEST_VERSION,
         "format": cfg.format.value,

@@ -20,11 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edge_runtime.checkpoints import load_model  # noqa: E402
-from edge_runtime.cli.simulate import load_client_data  # noqa: E402
-from edge_runtime.config import SimulateConfig  # noqa: E402
-from edge_runtime.fl.devices import load_device_classes  # noqa: E402
-from edge_runtime.fl.simulator import run_simulation  # noqa: E402
+from edge_runtime.config import RunConfig  # noqa: E402
+from edge_runtime.simulation import run_simulation  # noqa: E402
 
 CLASSES = ("rpi4-2gb", "rpi5-4gb", "android-mid-6gb", "android-flagship-12gb")
 
@@ -34,7 +31,7 @@ def _to_target(rounds: list[dict], target: float) -> tuple[float | None, float |
     for r in rounds:
         sent += r["bytes_up"] + r["bytes_down"]
         if r["eval_loss"] <= target:
-            return sent, r["sim_time_s"]
+            return sent, r["time_s"]
     return None, None
 
 
@@ -67,23 +64,22 @@ def main() -> int:
                 results[run] = json.loads(path.read_text())
         _table(results, args)
         return 0
-    lm = load_model(args.model)
-    classes = load_device_classes(CLASSES)
-    train, test = load_client_data(args.data, args.clients, partition=args.partition, alpha=0.5,
-                                   seed=0)
     for run in args.runs.split(","):
-        strategy, rank = run, None
+        strategy, r_max = run, args.r_max
         if run == "fedavg-rmin":
-            strategy, rank = "fedavg", args.r_min
+            strategy, r_max = "fedavg", args.r_min
         elif run == "fedavg-rmax":
-            strategy, rank = "fedavg", args.r_max
-        cfg = SimulateConfig(strategy=strategy, clients=args.clients, rounds=args.rounds,
-                             device_classes=CLASSES, local_steps=args.local_steps, lr=args.lr,
-                             batch_size=args.batch_size, seq_len=args.seq_len,
-                             r_min=args.r_min, r_max=args.r_max, rank=rank,
-                             eval_max=args.eval_max)
+            strategy = "fedavg"
+        cfg = RunConfig.from_dict({
+            "model": {"name": args.model}, "strategy": {"name": strategy},
+            "adapter": {"r_min": min(args.r_min, r_max), "r_max": r_max, "depth": 0},
+            "train": {"steps": args.local_steps, "lr": args.lr, "batch_size": args.batch_size,
+                      "seq_len": args.seq_len},
+            "fleet": {"rounds": args.rounds},
+            "data": {"path": args.data, "partition": args.partition, "eval_max": args.eval_max},
+            "sim": {"clients": args.clients, "device_classes": list(CLASSES)}})
         t0 = time.monotonic()
-        m = run_simulation(lm.model, lm.tokenizer, train, test, cfg, classes)
+        m = run_simulation(cfg)
         m["wall_s"] = time.monotonic() - t0
         results[run] = m
         (args.out / f"{run}.json").write_text(json.dumps(m, indent=1) + "\n")
@@ -106,7 +102,7 @@ def _table(results: dict[str, dict], args: argparse.Namespace) -> None:
         tot = sum(r["bytes_up"] + r["bytes_down"] for r in m["rounds"]) / 1e6
         print(f"| {run} | {m['rounds'][-1]['eval_loss']:.4f} | "
               f"{'-' if b is None else f'{b / 1e6:.1f}'} | {'-' if t is None else f'{t:.0f}'} | "
-              f"{tot:.1f} | {m['rounds'][-1]['sim_time_s']:.0f} | {m['wall_s']:.0f} |")
+              f"{tot:.1f} | {m['rounds'][-1]['time_s']:.0f} | {m['wall_s']:.0f} |")
 
 
 if __name__ == "__main__":

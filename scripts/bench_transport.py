@@ -34,16 +34,22 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edge_runtime.adapter import LoRAWeights  # noqa: E402
-from edge_runtime.config import FleetConfig, MqttConfig  # noqa: E402
-from edge_runtime.fl import make_strategy  # noqa: E402
+from edge_runtime.config import (  # noqa: E402
+    FleetConfig,
+    MqttConfig,
+    StrategyConfig,
+    StrategyName,
+    TrainConfig,
+)
+from edge_runtime.config import lora_module_name as module_name  # noqa: E402
 from edge_runtime.fl.types import ClientPlan  # noqa: E402
-from edge_runtime.fleet.aggregator import AggregatorService  # noqa: E402
 from edge_runtime.fleet.codec import encode_adapter  # noqa: E402
 from edge_runtime.fleet.mqtt_client import MqttLink  # noqa: E402
-from edge_runtime.fleet.planning import GlobalShape, module_name  # noqa: E402
 from edge_runtime.fleet.protocol import Manifest, Presence, Register, Topics  # noqa: E402
 from edge_runtime.fleet.server import AggregatorNode, publish_transfer  # noqa: E402
 from edge_runtime.fleet.transfer import Reassembler, make_manifest  # noqa: E402
+from edge_runtime.planning import GlobalShape, Planner  # noqa: E402
+from edge_runtime.rounds.server import AggregatorService  # noqa: E402
 
 N_LAYERS, DIM, KV_DIM = 30, 576, 192  # SmolLM2-135M
 FP = "b" * 64
@@ -150,10 +156,10 @@ CLASSES = (("pi5", 8, 4), ("pi4", 4, 2), ("phone", 2, 1))
 def make_fleet(n: int, state: Path, strategy: str) -> tuple[AggregatorService, dict]:
     shape = GlobalShape(n_layers=N_LAYERS, depth=4, r_max=8, targets=("q_proj", "v_proj"),
                         alpha=16.0)
-    cfg = FleetConfig(strategy=strategy, rounds=1, min_clients=n, round_timeout_s=600,
-                      max_update_bytes=8 << 20)
-    svc = AggregatorService(cfg, make_strategy(strategy), shape, shapes(4), FP, state,  # type: ignore[arg-type]
-                            train={"steps": 1})
+    cfg = FleetConfig(rounds=1, min_clients=n, round_timeout_s=600, max_update_bytes=8 << 20)
+    st = StrategyConfig(StrategyName(strategy))
+    svc = AggregatorService(cfg, st, TrainConfig(steps=1), Planner(shape, st, steps=1),
+                            shapes(4), FP, state)
     payloads = {}
     for k in range(n):
         cls = CLASSES[k % 3][0]
@@ -166,7 +172,7 @@ def make_fleet(n: int, state: Path, strategy: str) -> tuple[AggregatorService, d
 def updates_for(svc: AggregatorService) -> dict[str, bytes]:
     out = {}
     assert svc.open is not None
-    for i, (dev, pj) in enumerate(sorted(svc.open["plans"].items())):
+    for i, (dev, pj) in enumerate(sorted(svc.open.plans.items())):
         plan = ClientPlan.from_json(pj)
         a = random_adapter(plan.ranks, svc.shapes, seed=i)
         out[dev] = encode_adapter(a, {"fingerprint": FP, "n_samples": 10 + i, "round": 0})

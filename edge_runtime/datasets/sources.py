@@ -15,7 +15,6 @@ few files taken out of them live in `$EDGE_RT_CACHE/data` (default
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -27,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edge_runtime.errors import DataError, UserError
+from edge_runtime.files import sha256_file
 
 __all__ = ["Artifact", "SOURCES", "data_cache_dir", "fetch_artifact", "extract_source",
            "DataPullError"]
@@ -74,14 +74,6 @@ def data_cache_dir() -> Path:
     return root / "data"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def fetch_artifact(art: Artifact, cache: Path | None = None) -> Path:
     """The checked archive in the cache, downloading it first if missing.
 
@@ -90,7 +82,7 @@ def fetch_artifact(art: Artifact, cache: Path | None = None) -> Path:
     """
     cache = cache or data_cache_dir()
     dest = cache / "downloads" / art.filename
-    if dest.is_file() and _sha256(dest) == art.sha256:
+    if dest.is_file() and sha256_file(dest) == art.sha256:
         return dest
     tool = art.command[0]
     if shutil.which(tool) is None:
@@ -105,7 +97,7 @@ def fetch_artifact(art: Artifact, cache: Path | None = None) -> Path:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
             raise DataPullError(f"`{' '.join(art.command)}` failed ({' | '.join(tail)}); "
                                 "check network access to the registry")
-        digest = _sha256(got)
+        digest = sha256_file(got)
         if digest != art.sha256:
             raise DataPullError(f"{art.filename}: sha256 {digest} differs from the pinned "
                                 f"{art.sha256}; the registry served another file, not using it")

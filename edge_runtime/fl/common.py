@@ -1,13 +1,23 @@
-"""Helpers shared by the factor-wise strategies: truncation and weighted padded sums."""
+"""Shared by the factor-wise strategies (FedAvg, HetLoRA, LEGEND): truncation out, one
+weighted zero-padded accumulator in (each strategy only chooses the weights)."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
 from edge_runtime.adapter import Adapter, LoRAWeights
-from edge_runtime.fl.types import ClientPlan, UpdateMismatchError, from_scaled_b, scaled_b
+from edge_runtime.fl.types import (
+    ClientPlan,
+    ClientUpdate,
+    UpdateMismatchError,
+    check_update,
+    from_scaled_b,
+    scaled_b,
+)
 
-__all__ = ["truncate_to_plan", "PaddedSum"]
+__all__ = ["truncate_to_plan", "PaddedSum", "PaddedAccumulator"]
 
 
 def truncate_to_plan(global_adapter: Adapter, plan: ClientPlan) -> Adapter:
@@ -74,3 +84,44 @@ class PaddedSum:
             out[name] = from_scaled_b(self.sum_b[name] / tot, self.sum_a[name] / tot, g.alpha,
                                       g.lora_a.dtype)
         return out
+
+
+class PaddedAccumulator:
+    """The one weighted zero-padded accumulator: running sums of w_k pad(s_k B_k) and
+    w_k pad(A_k) per module, divided at `result()` by the module's total weight.
+
+    Args:
+        global_adapter: the round's global (r_max per module).
+        weight: w_k of an update (FedAvg and LEGEND: n_k; HetLoRA: its sparsity score).
+        allow_subset: an update without a plan may send any subset of the modules (LEGEND:
+            each module is averaged over the devices that trained it).
+    """
+
+    def __init__(self, global_adapter: Adapter, weight: Callable[[ClientUpdate], float], *,
+                 allow_subset: bool = False) -> None:
+        self.global_adapter = global_adapter
+        self.weight = weight
+        self.allow_subset = allow_subset
+        self._sum = PaddedSum(global_adapter)
+        self._count = 0
+
+    @property
+    def count(self) -> int:
+        return self._count
+
+    @property
+    def denominators(self) -> dict[str, float]:
+        """{module: total weight of the updates that sent it} so far."""
+        return dict(self._sum.weight)
+
+    def add(self, update: ClientUpdate) -> None:
+        check_update(update, self.global_adapter,
+                     allow_subset=self.allow_subset and update.plan is None)
+        w = self.weight(update)
+        for name, lw in update.adapter.items():
+            self._sum.add(name, lw, w)
+        self._count += 1
+
+    def result(self) -> Adapter:
+        """The weighted average; modules nobody sent keep the global factors."""
+        return self._sum.result()

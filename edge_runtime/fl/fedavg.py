@@ -13,46 +13,32 @@ client must have the global ranks and alpha; heterogeneous ranks belong to HetLo
 from __future__ import annotations
 
 from edge_runtime.adapter import Adapter
-from edge_runtime.fl.common import PaddedSum, truncate_to_plan
+from edge_runtime.fl.common import PaddedAccumulator, truncate_to_plan
 from edge_runtime.fl.types import (
     ClientPlan,
     ClientUpdate,
     StrategyBase,
     UpdateMismatchError,
-    check_update,
 )
 
 __all__ = ["FedAvg", "FedAvgAccumulator"]
 
 
-class FedAvgAccumulator:
-    """Running sums of n_k s_k B_k and n_k A_k; `result()` divides by sum n_k."""
+class FedAvgAccumulator(PaddedAccumulator):
+    """Weights n_k; every update must have the global ranks and alpha (homogeneous)."""
 
     def __init__(self, global_adapter: Adapter) -> None:
-        self.global_adapter = global_adapter
-        self._sum = PaddedSum(global_adapter)
-        self._count = 0
-
-    @property
-    def count(self) -> int:
-        return self._count
+        super().__init__(global_adapter, lambda u: float(u.num_samples))
 
     def add(self, update: ClientUpdate) -> None:
-        check_update(update, self.global_adapter)
         for name, w in update.adapter.items():
-            g = self.global_adapter[name]
-            if w.rank != g.rank or w.alpha != g.alpha:
+            g = self.global_adapter.get(name)
+            if g is not None and (w.rank != g.rank or w.alpha != g.alpha):
                 raise UpdateMismatchError(
                     f"fedavg needs homogeneous LoRA: {update.device_id} sent {name} at rank "
                     f"{w.rank}, alpha {w.alpha}; the global is rank {g.rank}, alpha {g.alpha}. "
                     "Use --strategy hetlora for mixed ranks")
-        for name, w in update.adapter.items():
-            self._sum.add(name, w, float(update.num_samples))
-        self._count += 1
-
-    def result(self) -> Adapter:
-        """The averaged adapter; the global unchanged if no update arrived."""
-        return self._sum.result()
+        super().add(update)
 
 
 class FedAvg(StrategyBase):

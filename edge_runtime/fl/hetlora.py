@@ -19,8 +19,7 @@ an empty one (ceil(0.9 * 4) = 4 would leave nothing to penalise).
 Scaling convention (`edge_runtime.fl.types`): padded sums are of s_k B_k and A_k, and
 B is divided by the receiving scale alpha / r on the way out.
 
-||B A||_F is computed without forming B A:  ||B A||_F^2 = tr((B^T B)(A A^T)), an
-r x r product, O(r^2 (d_out + d_in)) instead of O(d_out d_in r).
+||B A||_F is computed without forming B A (`adapter.frobenius_norm_ba`).
 """
 
 from __future__ import annotations
@@ -33,19 +32,16 @@ from torch import nn
 
 from edge_runtime.adapter import Adapter, LoRAWeights
 from edge_runtime.config import HetLoRAConfig
-from edge_runtime.fl.common import PaddedSum, truncate_to_plan
+from edge_runtime.fl.common import PaddedAccumulator, truncate_to_plan
 from edge_runtime.fl.types import (
     ClientPlan,
-    ClientUpdate,
     Regularizer,
     StrategyBase,
-    check_update,
 )
 
 __all__ = [
     "HetLoRA",
     "HetLoRAAccumulator",
-    "frobenius_norm_ba",
     "sparsity_score",
     "tail_start",
     "tail_penalty",
@@ -56,20 +52,9 @@ __all__ = [
 ]
 
 
-def frobenius_norm_ba(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """||B A||_F from the factors: sqrt(tr((B^T B)(A A^T))). b (d_out, r), a (r, d_in)."""
-    btb = b.t() @ b  # (r, r)
-    aat = a @ a.t()  # (r, r)
-    return torch.sqrt(torch.clamp((btb * aat).sum(), min=0.0))  # tr(X Y) = sum(X * Y^T), Y sym.
-
-
 def sparsity_score(adapter: Adapter) -> float:
     """S_k = ||s_k B_k A_k||_F over the whole adapter (sqrt of the sum over modules)."""
-    total = 0.0
-    for w in adapter.values():
-        n = frobenius_norm_ba(w.lora_b.double(), w.lora_a.double()) * w.scale
-        total += float(n) ** 2
-    return math.sqrt(total)
+    return math.sqrt(sum(w.delta_norm() ** 2 for w in adapter.values()))
 
 
 def tail_start(rank: int, gamma: float) -> int:
@@ -165,28 +150,11 @@ def prune_adapter(adapter: Adapter, ranks: Mapping[str, int]) -> Adapter:
     return out
 
 
-class HetLoRAAccumulator:
-    """Running sums of S_k pad(s_k B_k), S_k pad(A_k) and S_k; `result()` divides."""
+class HetLoRAAccumulator(PaddedAccumulator):
+    """Weights S_k = ||s_k B_k A_k||_F (sparsity-weighted aggregation, sec. 3.3)."""
 
     def __init__(self, global_adapter: Adapter) -> None:
-        self.global_adapter = global_adapter
-        self._sum = PaddedSum(global_adapter)
-        self._count = 0
-
-    @property
-    def count(self) -> int:
-        return self._count
-
-    def add(self, update: ClientUpdate) -> None:
-        check_update(update, self.global_adapter)
-        s_k = sparsity_score(update.adapter)
-        for name, w in update.adapter.items():
-            self._sum.add(name, w, s_k)
-        self._count += 1
-
-    def result(self) -> Adapter:
-        """Global adapter at r_max; unchanged if empty or if every update was all-zero."""
-        return self._sum.result()
+        super().__init__(global_adapter, lambda u: sparsity_score(u.adapter))
 
 
 class HetLoRA(StrategyBase):

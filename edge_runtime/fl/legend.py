@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from edge_runtime.adapter import Adapter
 from edge_runtime.config import LegendConfig, lora_module_name
 from edge_runtime.errors import ConfigError
-from edge_runtime.fl.common import PaddedSum, truncate_to_plan
-from edge_runtime.fl.types import ClientPlan, ClientUpdate, StrategyBase, check_update
+from edge_runtime.fl.common import PaddedAccumulator, truncate_to_plan
+from edge_runtime.fl.types import ClientPlan, StrategyBase
 
 __all__ = ["DeviceCost", "Legend", "LegendAccumulator", "rank_ramp", "plan_device",
            "predict_time", "predict_memory"]
@@ -88,31 +88,11 @@ def plan_device(device_id: str, cost: DeviceCost, n_layers: int, targets: tuple[
     return None
 
 
-class LegendAccumulator:
-    """Per-module padded sums with per-module denominators (sum n over who trained it)."""
+class LegendAccumulator(PaddedAccumulator):
+    """Weights n_k, per-module denominators (sum n over the devices that trained it)."""
 
     def __init__(self, global_adapter: Adapter) -> None:
-        self.global_adapter = global_adapter
-        self._sum = PaddedSum(global_adapter)
-        self._count = 0
-
-    @property
-    def count(self) -> int:
-        return self._count
-
-    @property
-    def denominators(self) -> dict[str, float]:
-        """{module: sum of n_k over the devices that sent it} so far."""
-        return dict(self._sum.weight)
-
-    def add(self, update: ClientUpdate) -> None:
-        check_update(update, self.global_adapter, allow_subset=update.plan is None)
-        for name, w in update.adapter.items():
-            self._sum.add(name, w, float(update.num_samples))
-        self._count += 1
-
-    def result(self) -> Adapter:
-        return self._sum.result()
+        super().__init__(global_adapter, lambda u: float(u.num_samples), allow_subset=True)
 
 
 class Legend(StrategyBase):

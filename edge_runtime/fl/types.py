@@ -15,6 +15,7 @@ client's scale `alpha / r`, so the client's product equals the global one.
 from __future__ import annotations
 
 import abc
+import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -43,7 +44,14 @@ __all__ = [
 
 
 class UpdateMismatchError(AdapterMismatchError, ValueError):
-    """A client update does not match the plan it was given (keys, shapes, ranks, values)."""
+    """A client update does not match the plan it was given (keys, shapes, ranks, values).
+
+    `reason` is the fleet's reject reason (`fleet.protocol.REJECT_REASONS`).
+    """
+
+    def __init__(self, message: str, reason: str = "bad_shape") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass
@@ -176,21 +184,24 @@ def check_update(update: ClientUpdate, global_adapter: Adapter, *,
     """Validate an update against the global adapter and the client's plan.
 
     Every module the client was told to train must be present (no silent drops), no
-    module may be unknown, shapes must fit the base layers, ranks must not exceed the
-    plan, values must be finite and num_samples positive.
+    module may be unknown, shapes must fit the base layers, alpha must be the plan's,
+    ranks must not exceed the plan, values must be finite and num_samples positive. The
+    one structural check of an update: strategies and the server's validation call it.
 
     Raises:
-        UpdateMismatchError: naming the device, the module and what is wrong.
+        UpdateMismatchError: naming the device, the module and what is wrong, with the
+            fleet's reject reason.
     """
     dev = update.device_id
-    if update.num_samples <= 0:
+    if isinstance(update.num_samples, bool) or update.num_samples <= 0:
         raise UpdateMismatchError(f"update from {dev}: num_samples is {update.num_samples}, "
-                                  "must be positive")
+                                  "must be positive", "bad_manifest")
     keys = set(update.adapter)
     unknown = keys - set(global_adapter)
     if unknown:
         raise UpdateMismatchError(f"update from {dev} has modules the global adapter lacks, e.g. "
-                                  f"{sorted(unknown)[0]}; it was trained on another plan/base")
+                                  f"{sorted(unknown)[0]}; it was trained on another plan/base",
+                                  "bad_keys")
     if update.plan is not None:
         expected = set(update.plan.ranks)
     elif allow_subset:
@@ -201,23 +212,30 @@ def check_update(update: ClientUpdate, global_adapter: Adapter, *,
     extra = keys - expected
     if missing:
         raise UpdateMismatchError(f"update from {dev} lacks {len(missing)} planned modules, e.g. "
-                                  f"{sorted(missing)[0]}; every planned module must be sent")
+                                  f"{sorted(missing)[0]}; every planned module must be sent",
+                                  "bad_keys")
     if extra:
         raise UpdateMismatchError(f"update from {dev} has unplanned modules, e.g. "
-                                  f"{sorted(extra)[0]}")
+                                  f"{sorted(extra)[0]}", "bad_keys")
     if not keys and not allow_subset:
-        raise UpdateMismatchError(f"update from {dev} is empty")
+        raise UpdateMismatchError(f"update from {dev} is empty", "bad_keys")
     for name, w in update.adapter.items():
         g = global_adapter[name]
         if (w.d_out, w.d_in) != (g.d_out, g.d_in):
             raise UpdateMismatchError(
                 f"update from {dev}: {name} has B{tuple(w.lora_b.shape)} A{tuple(w.lora_a.shape)}"
                 f", the global module is {g.d_out}x{g.d_in}; wrong base model")
+        if update.plan is not None and not math.isclose(w.alpha, update.plan.alpha,
+                                                        rel_tol=1e-6):
+            raise UpdateMismatchError(f"update from {dev}: {name} has alpha {w.alpha}, the "
+                                      f"plan's is {update.plan.alpha}")
         if update.plan is not None and w.rank > update.plan.ranks[name]:
             raise UpdateMismatchError(f"update from {dev}: {name} has rank {w.rank} above its "
-                                      f"planned rank {update.plan.ranks[name]}")
+                                      f"planned rank {update.plan.ranks[name]}",
+                                      "rank_above_plan")
         if not (torch.isfinite(w.lora_a).all() and torch.isfinite(w.lora_b).all()):
-            raise UpdateMismatchError(f"update from {dev}: {name} has non-finite values")
+            raise UpdateMismatchError(f"update from {dev}: {name} has non-finite values",
+                                      "non_finite")
 
 
 def scaled_b(w: LoRAWeights, dtype: torch.dtype = torch.float64) -> torch.Tensor:

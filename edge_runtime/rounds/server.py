@@ -434,7 +434,8 @@ class AggregatorService:
         try:
             adapter, meta = decode_adapter(payload)
             meta = {**manifest.meta, **meta}
-            n = validate_update(adapter, meta, plan=ClientPlan.from_json(pj), shapes=self.shapes,
+            n = validate_update(adapter, meta, plan=ClientPlan.from_json(pj),
+                                global_adapter=self.global_adapter,
                                 fingerprint=self.fingerprint, max_norm=self.cfg.max_update_norm)
             if meta.get("round") != self.round:
                 raise UpdateRejected("stale_round", f"payload says round {meta.get('round')}")

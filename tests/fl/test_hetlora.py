@@ -4,12 +4,11 @@ import pytest
 import torch
 from fl_helpers import SHAPES, make_update, rand_adapter
 
-from edge_runtime.adapter import LoRAWeights
+from edge_runtime.adapter import LoRAWeights, frobenius_norm_ba
 from edge_runtime.config import HetLoRAConfig
 from edge_runtime.fl.hetlora import (
     HetLoRA,
     HetLoRAAccumulator,
-    frobenius_norm_ba,
     prune_adapter,
     prune_ranks,
     sparsity_score,
