@@ -17,7 +17,6 @@ import logging
 import random
 import tempfile
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,21 +24,13 @@ from edge_runtime.config import LegendConfig, RunConfig, StrategyConfig, Transpo
 from edge_runtime.data import Example, load_jsonl
 from edge_runtime.errors import ConfigError, DataError
 from edge_runtime.fl.devices import DeviceClass, analytic_cost, load_device_classes
-from edge_runtime.fl.legend import DeviceCost, predict_time
+from edge_runtime.fl.legend import predict_time
 from edge_runtime.model import ModelConfig
+from edge_runtime.transport.scheduler import SimDevice
 
-__all__ = ["SimDevice", "class_ranks", "build_devices", "load_client_data", "run_simulation"]
+__all__ = ["class_ranks", "build_devices", "load_client_data", "run_simulation"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class SimDevice:
-    device_id: str
-    device_class: str
-    cost: DeviceCost
-    examples: list[Example]
-    profile: dict[str, Any]
 
 
 def class_ranks(classes: list[DeviceClass], r_min: int, r_max: int) -> dict[str, int]:

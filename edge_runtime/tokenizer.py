@@ -1,7 +1,7 @@
 """Text <-> token ids, and the model's chat template.
 
 `Tokenizer` wraps a `tokenizers.Tokenizer` (the Rust library HF uses) built from a
-`tokenizer.json`, from GGUF metadata (see `gguf_tokenizer.py`), or the tiny byte-level
+`tokenizer.json`, from GGUF metadata (see `checkpoints/gguf/tokenizer.py`), or the tiny byte-level
 one used by the `tiny` test model. Control tokens written in the text (`<|im_start|>`)
 are parsed as single special tokens. A BOS token is added only when the model asks for
 one (`add_bos`) and the text does not already start with it (Llama 3 chat templates

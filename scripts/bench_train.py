@@ -141,7 +141,7 @@ def main() -> None:
 
     ensure_peft()
     from edge_runtime.checkpoints import load_model
-    from edge_runtime.hf_loader import save_hf_folder
+    from edge_runtime.checkpoints.hf import save_hf_folder
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -44,7 +44,7 @@ _TO_GGUF_BLOCK = {
 @pytest.fixture(scope="session")
 def real_gguf() -> Path:
     """Path of the real SmolLM2-135M-Instruct Q4_1 GGUF, pulled into the cache once."""
-    from edge_runtime.pull import pull
+    from edge_runtime.checkpoints.pull import pull
 
     return pull(REAL_MODEL)
 
@@ -58,7 +58,7 @@ def real_lm(real_gguf: Path) -> LoadedModel:
 @pytest.fixture(scope="session")
 def real_hf_folder(real_lm: LoadedModel, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The real model's weights (as loaded from the GGUF) written as a HF folder, once."""
-    from edge_runtime.hf_loader import save_hf_folder
+    from edge_runtime.checkpoints.hf import save_hf_folder
 
     return save_hf_folder(real_lm, tmp_path_factory.mktemp("smol_hf"))
 

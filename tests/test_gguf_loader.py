@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from edge_runtime.checkpoints import load_model, tiny_config, tiny_model
+from edge_runtime.checkpoints.gguf.loader import dequantize_tensor, open_gguf, unpermute_qk
 from edge_runtime.errors import CheckpointError
-from edge_runtime.gguf_loader import dequantize_tensor, open_gguf, unpermute_qk
 from edge_runtime.model import CausalLM, ModelConfig
 from edge_runtime.tokenizer import Tokenizer
 
@@ -279,7 +279,7 @@ def test_rope_freqs_that_are_not_llama3_are_refused(tmp_path, write_gguf):
 def _compare_with_gguf_reader(path):
     from gguf import GGUFReader
 
-    from edge_runtime.gguf_file import read_gguf
+    from edge_runtime.checkpoints.gguf.file import read_gguf
 
     ours, ref = read_gguf(path), GGUFReader(str(path))
     ref_meta = {k: f.contents() for k, f in ref.fields.items() if not k.startswith("GGUF.")}
@@ -309,7 +309,7 @@ def test_reader_matches_gguf_reader_on_the_real_file(real_gguf):
 
 
 def test_reader_refuses_garbage(tmp_path):
-    from edge_runtime.gguf_file import read_gguf
+    from edge_runtime.checkpoints.gguf.file import read_gguf
 
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"GGUF" + (7).to_bytes(4, "little") + b"\0" * 16)
@@ -338,7 +338,7 @@ def test_pre_tokenizers_split_as_their_models_do(tmp_path, write_gguf, pre, piec
     (500000.0, 64, 32.0, 1.0, 4.0, 8192),  # Llama 3.2 1B
 ])
 def test_llama3_parameters_of_released_models_are_recovered(theta, hd, factor, low, high, orig):
-    from edge_runtime.gguf_rope import llama3_scaling_from_freq_factors
+    from edge_runtime.checkpoints.gguf.rope import llama3_scaling_from_freq_factors
 
     got = llama3_scaling_from_freq_factors(
         _llama3_divisors(theta, hd, factor, low, high, orig), theta, hd, orig)

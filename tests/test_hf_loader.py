@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from edge_runtime.checkpoints import load_model
+from edge_runtime.checkpoints.hf import save_hf_folder
 from edge_runtime.errors import CheckpointError
-from edge_runtime.hf_loader import save_hf_folder
 from edge_runtime.model import CausalLM, ModelConfig
 from edge_runtime.tokenizer import Tokenizer
 
@@ -128,7 +128,7 @@ def test_real_gguf_and_its_hf_folder_give_identical_logits(real_lm, real_hf_fold
 
 
 def test_rope_parameters_of_transformers_5_are_read():
-    from edge_runtime.hf_loader import hf_config_to_model_config
+    from edge_runtime.checkpoints.hf import hf_config_to_model_config
 
     base = {"architectures": ["LlamaForCausalLM"], "vocab_size": 8, "hidden_size": 16,
             "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from edge_runtime.pull import KNOWN_MODELS, pull
+from edge_runtime.checkpoints.pull import KNOWN_MODELS, pull
 
 __all__ = ["register", "run"]
 

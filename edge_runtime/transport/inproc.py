@@ -16,8 +16,7 @@ from edge_runtime.fleet.protocol import Register
 from edge_runtime.fleet.transfer import make_manifest
 from edge_runtime.rounds.device import RoundTask, run_local_round
 from edge_runtime.rounds.server import AggregatorService, RoundRecord
-from edge_runtime.simulation import SimDevice
-from edge_runtime.transport.scheduler import SimScheduler
+from edge_runtime.transport.scheduler import SimDevice, SimScheduler
 
 __all__ = ["run_inproc"]
 

@@ -22,8 +22,7 @@ from edge_runtime.errors import UserError
 from edge_runtime.fleet.agent import AgentConfig, DeviceAgent
 from edge_runtime.fleet.server import AggregatorNode
 from edge_runtime.rounds.server import AggregatorService, RoundRecord
-from edge_runtime.simulation import SimDevice
-from edge_runtime.transport.scheduler import SimScheduler
+from edge_runtime.transport.scheduler import SimDevice, SimScheduler
 
 __all__ = ["run_mqtt"]
 

@@ -19,13 +19,26 @@ import hashlib
 import random
 import threading
 from dataclasses import dataclass
+from typing import Any
 
 from edge_runtime.adapter import layer_index
 from edge_runtime.config import SimConfig
+from edge_runtime.data import Example
 from edge_runtime.fl.legend import DeviceCost, predict_time
 from edge_runtime.rounds.device import RoundTask
 
-__all__ = ["SimScheduler", "Outcome"]
+__all__ = ["SimScheduler", "SimDevice", "Outcome"]
+
+
+@dataclass
+class SimDevice:
+    """One simulated device: its class's costs, its data, the profile it registers with."""
+
+    device_id: str
+    device_class: str
+    cost: DeviceCost
+    examples: list[Example]
+    profile: dict[str, Any]
 
 
 @dataclass

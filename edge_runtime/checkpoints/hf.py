@@ -17,14 +17,14 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from edge_runtime.checkpoints.weights import TensorHook, base_state_dict, empty_model, load_weights
 from edge_runtime.config import QuantMode
 from edge_runtime.errors import CheckpointError
 from edge_runtime.model import CausalLM, ModelConfig
-from edge_runtime.state_io import TensorHook, base_state_dict, empty_model, load_weights
 from edge_runtime.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
-    from edge_runtime.checkpoints import LoadedModel
+    from edge_runtime.checkpoints.loaded import LoadedModel
 
 __all__ = ["load_hf_folder", "hf_config_to_model_config", "save_hf_folder", "SUPPORTED"]
 

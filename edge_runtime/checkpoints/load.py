@@ -9,17 +9,17 @@ fingerprint taken on the full-precision weights, then its linears are quantized.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from edge_runtime.checkpoints.fingerprint import FingerprintBuilder, base_fingerprint
+from edge_runtime.checkpoints.loaded import LoadedModel
+from edge_runtime.checkpoints.weights import TensorHook
 from edge_runtime.config import QuantMode
 from edge_runtime.errors import CheckpointError
-from edge_runtime.fingerprint import FingerprintBuilder, base_fingerprint
 from edge_runtime.model import CausalLM, ModelConfig
 from edge_runtime.quant import quantize_linears
-from edge_runtime.state_io import TensorHook
 from edge_runtime.tokenizer import Tokenizer
 
 __all__ = ["LoadedModel", "load_model", "tiny_config", "tiny_model", "TINY_SEED"]
@@ -28,25 +28,6 @@ log = logging.getLogger(__name__)
 
 TINY_SEED = 0
 GGUF_MAGIC = b"GGUF"
-
-
-@dataclass
-class LoadedModel:
-    """A frozen base model with its tokenizer.
-
-    Attributes:
-        model: the decoder (eval mode, every parameter frozen, linears maybe quantized).
-        tokenizer: its tokenizer and chat template.
-        fingerprint: `base_fingerprint` of the full-precision base weights.
-        name: short display name (`smollm2-135m`, `tiny`, the file stem).
-        source: where it came from (a path, or `tiny`).
-    """
-
-    model: CausalLM
-    tokenizer: Tokenizer
-    fingerprint: str
-    name: str
-    source: str
 
 
 def tiny_config() -> ModelConfig:
@@ -85,7 +66,7 @@ def _is_gguf(path: Path) -> bool:
 
 def _resolve(spec: str) -> tuple[Path, str]:
     """(path, display name) of a checkpoint spec other than `tiny`."""
-    from edge_runtime import pull
+    from edge_runtime.checkpoints import pull
 
     if spec in pull.KNOWN_MODELS:
         path = pull.cached_path(spec)
@@ -105,11 +86,11 @@ def _resolve(spec: str) -> tuple[Path, str]:
 
 def _load_path(path: Path, quant: QuantMode, on_tensor: TensorHook) -> tuple[CausalLM, Tokenizer]:
     if path.is_dir():
-        from edge_runtime.hf_loader import load_hf_folder
+        from edge_runtime.checkpoints.hf import load_hf_folder
 
         return load_hf_folder(path, quant=quant, on_tensor=on_tensor)
     if _is_gguf(path):
-        from edge_runtime.gguf_loader import load_gguf
+        from edge_runtime.checkpoints.gguf.loader import load_gguf
 
         return load_gguf(path, quant=quant, on_tensor=on_tensor)
     raise CheckpointError(

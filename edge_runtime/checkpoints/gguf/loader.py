@@ -23,13 +23,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from edge_runtime.checkpoints.gguf.file import GGUFFile, GGUFTensor, read_gguf
+from edge_runtime.checkpoints.gguf.rope import llama3_scaling_from_freq_factors
+from edge_runtime.checkpoints.gguf.tokenizer import gguf_field, tokenizer_from_gguf
+from edge_runtime.checkpoints.weights import TensorHook, empty_model, load_weights
 from edge_runtime.config import QuantMode
 from edge_runtime.errors import CheckpointError
-from edge_runtime.gguf_file import GGUFFile, GGUFTensor, read_gguf
-from edge_runtime.gguf_rope import llama3_scaling_from_freq_factors
-from edge_runtime.gguf_tokenizer import gguf_field, tokenizer_from_gguf
 from edge_runtime.model import CausalLM, ModelConfig
-from edge_runtime.state_io import TensorHook, empty_model, load_weights
 from edge_runtime.tokenizer import Tokenizer
 
 __all__ = ["load_gguf", "open_gguf", "gguf_config", "dequantize_tensor", "unpermute_qk",
