@@ -188,8 +188,8 @@ class Tokenizer:
             tok = RustTokenizer.from_file(str(path))
         except Exception as e:  # the Rust library raises plain Exception
             raise CheckpointError(f"{path} is not a valid tokenizer.json: {e}") from None
-        cfg = _read_json(folder / "tokenizer_config.json")
-        gen = _read_json(folder / "generation_config.json")
+        cfg = read_json_object(folder / "tokenizer_config.json")
+        gen = read_json_object(folder / "generation_config.json")
         template = cfg.get("chat_template")
         if isinstance(template, list):  # named templates: take "default"
             named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
@@ -249,8 +249,15 @@ class Tokenizer:
         return self._tok
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json_object(path: Path, *, required: bool = False) -> dict[str, Any]:
+    """A checkpoint's JSON file as a dict ({} when optional and absent).
+
+    Raises:
+        CheckpointError: missing (when required), not JSON, or not an object.
+    """
     if not path.is_file():
+        if required:
+            raise CheckpointError(f"{path} is missing; a HF model folder needs it")
         return {}
     try:
         data = json.loads(path.read_text(encoding="utf-8"))

@@ -21,7 +21,7 @@ from edge_runtime.checkpoints.weights import TensorHook, base_state_dict, empty_
 from edge_runtime.config import QuantMode
 from edge_runtime.errors import CheckpointError
 from edge_runtime.model import CausalLM, ModelConfig
-from edge_runtime.tokenizer import Tokenizer
+from edge_runtime.tokenizer import Tokenizer, read_json_object
 
 if TYPE_CHECKING:
     from edge_runtime.checkpoints.loaded import LoadedModel
@@ -31,18 +31,6 @@ __all__ = ["load_hf_folder", "hf_config_to_model_config", "save_hf_folder", "SUP
 # HF architecture -> (our arch name, model_type)
 SUPPORTED = {"LlamaForCausalLM": ("llama", "llama"), "Qwen2ForCausalLM": ("qwen2", "qwen2")}
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # a buffer some old checkpoints saved
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise CheckpointError(f"{path} is missing; a HF model folder needs it")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e}); restore the file") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} must hold a JSON object")
-    return data
 
 
 def hf_config_to_model_config(cfg: dict[str, Any], where: str = "config.json") -> ModelConfig:
@@ -93,7 +81,7 @@ def hf_config_to_model_config(cfg: dict[str, Any], where: str = "config.json") -
 def _weight_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = _read_json(index).get("weight_map")
+        weight_map = read_json_object(index, required=True).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointError(f"{index} has no weight_map")
         return [folder / f for f in sorted(set(weight_map.values()))]
@@ -133,7 +121,7 @@ def load_hf_folder(folder: str | Path, *, quant: QuantMode = QuantMode.NONE,
     `on_tensor(name, fp32 tensor)` sees each weight before quantization.
     """
     folder = Path(folder)
-    cfg = hf_config_to_model_config(_read_json(folder / "config.json"),
+    cfg = hf_config_to_model_config(read_json_object(folder / "config.json", required=True),
                                     str(folder / "config.json"))
     files = _weight_files(folder)
     tok = Tokenizer.from_tokenizer_json(folder)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from edge_runtime.cli.common import positive_float, positive_int
 from edge_runtime.cli.fleet_common import MQTT_FLAGS, add_mqtt_args
-from edge_runtime.cli.run_args import add_run_file_args, resolve_run
+from edge_runtime.cli.run_args import PLAN_FLAGS, add_plan_args, add_run_file_args, resolve_run
 from edge_runtime.config import Compression, QuantMode, StrategyName
 from edge_runtime.errors import ConfigError
 
@@ -20,10 +20,7 @@ log = logging.getLogger("edge_runtime.aggregator")
 ROUND_FLAGS = {
     "strategy": "strategy.name", "rounds": "fleet.rounds",
     "round_timeout_s": "fleet.round_timeout_s", "model": "model.name", "quant": "model.quant",
-    "rank_max": "adapter.r_max", "rank_min": "adapter.r_min", "depth": "adapter.depth",
-    "targets": "adapter.targets", "alpha": "adapter.alpha", "local_steps": "train.steps",
-    "lr": "train.lr", "batch_size": "train.batch_size", "seq_len": "train.seq_len",
-    "compression": "fleet.compression", "chunk_size": "fleet.chunk_size",
+    **PLAN_FLAGS, "compression": "fleet.compression", "chunk_size": "fleet.chunk_size",
     "max_update_norm": "fleet.max_update_norm", "seed": "seed",
 }
 FLAGS = {**ROUND_FLAGS, **MQTT_FLAGS, "min_clients": "fleet.min_clients",
@@ -40,15 +37,7 @@ def add_round_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--round-timeout-s", type=positive_float)
     p.add_argument("--model", help="GGUF file, HF folder, pulled name (smollm2-135m) or 'tiny'")
     p.add_argument("--quant", choices=[m.value for m in QuantMode])
-    p.add_argument("--rank-max", type=positive_int, help="global adapter rank")
-    p.add_argument("--rank-min", type=positive_int, help="smallest rank of the fleet")
-    p.add_argument("--depth", type=int, help="global adapter depth (0 = every block)")
-    p.add_argument("--targets", help="LoRA targets among q,k,v,o,gate,up,down")
-    p.add_argument("--alpha", type=positive_float)
-    p.add_argument("--local-steps", type=positive_int)
-    p.add_argument("--lr", type=positive_float)
-    p.add_argument("--batch-size", type=positive_int)
-    p.add_argument("--seq-len", type=positive_int)
+    add_plan_args(p)
     p.add_argument("--compression", choices=[m.value for m in Compression])
     p.add_argument("--chunk-size", type=positive_int)
     p.add_argument("--max-update-mb", type=positive_float)

@@ -12,7 +12,13 @@ from typing import Any
 
 from edge_runtime.config import RunConfig, load_run_file, parse_override, set_key
 
-__all__ = ["add_run_file_args", "resolve_run"]
+__all__ = ["add_run_file_args", "add_plan_args", "resolve_run", "PLAN_FLAGS"]
+
+# flag dest -> run config key, for the flags of `add_plan_args`
+PLAN_FLAGS = {"r_max": "adapter.r_max", "r_min": "adapter.r_min", "depth": "adapter.depth",
+              "targets": "adapter.targets", "alpha": "adapter.alpha",
+              "local_steps": "train.steps", "lr": "train.lr", "batch_size": "train.batch_size",
+              "seq_len": "train.seq_len"}
 
 
 def add_run_file_args(p: argparse.ArgumentParser) -> None:
@@ -21,6 +27,24 @@ def add_run_file_args(p: argparse.ArgumentParser) -> None:
                    "data, mqtt); flags override it")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one setting, e.g. --set strategy.gamma=0.95 (repeatable)")
+
+
+def add_plan_args(p: argparse.ArgumentParser) -> None:
+    """The global adapter's extent and the local recipe (all optional: defaults live in the
+    run config)."""
+    from edge_runtime.cli.common import positive_float, positive_int
+
+    p.add_argument("--r-max", "--rank-max", dest="r_max", type=positive_int,
+                   help="global adapter rank (the largest a device gets)")
+    p.add_argument("--r-min", "--rank-min", dest="r_min", type=positive_int,
+                   help="the smallest rank a device class gets")
+    p.add_argument("--depth", type=int, help="global adapter depth (0 = every block)")
+    p.add_argument("--targets", help="LoRA targets among q,k,v,o,gate,up,down")
+    p.add_argument("--alpha", type=positive_float)
+    p.add_argument("--local-steps", type=positive_int, help="local steps per round")
+    p.add_argument("--lr", type=positive_float)
+    p.add_argument("--batch-size", type=positive_int)
+    p.add_argument("--seq-len", type=positive_int)
 
 
 def resolve_run(args: argparse.Namespace, flags: dict[str, str],

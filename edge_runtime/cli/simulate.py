@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_runtime.cli.common import positive_float, positive_int
-from edge_runtime.cli.run_args import add_run_file_args, resolve_run
+from edge_runtime.cli.run_args import PLAN_FLAGS, add_plan_args, add_run_file_args, resolve_run
 from edge_runtime.config import Compression, QuantMode, StrategyName, Transport
 
 __all__ = ["register", "run", "plot_metrics", "FLAGS"]
@@ -27,10 +27,7 @@ FLAGS = {
     "clients": "sim.clients", "rounds": "fleet.rounds", "data": "data.path",
     "partition": "data.partition", "alpha_dirichlet": "data.dirichlet_alpha",
     "fraction": "fleet.fraction", "dropout": "sim.dropout", "straggler": "sim.straggler",
-    "classes": "sim.device_classes", "local_steps": "train.steps", "lr": "train.lr",
-    "batch_size": "train.batch_size", "seq_len": "train.seq_len", "r_min": "adapter.r_min",
-    "r_max": "adapter.r_max", "targets": "adapter.targets", "depth": "adapter.depth",
-    "deadline": "sim.deadline_s", "eval_max": "data.eval_max", "seed": "seed",
+    "classes": "sim.device_classes", **PLAN_FLAGS, "deadline": "sim.deadline_s", "eval_max": "data.eval_max", "seed": "seed",
     "transport": "sim.transport", "broker": "sim.broker", "compression": "fleet.compression",
 }
 
@@ -53,14 +50,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dropout", type=float, help="P(selected device never reports)")
     p.add_argument("--straggler", type=float, help="P(device computes 4x slower)")
     p.add_argument("--classes", help="declared device profiles (profiles/*.json), comma-separated")
-    p.add_argument("--local-steps", type=positive_int)
-    p.add_argument("--lr", type=positive_float)
-    p.add_argument("--batch-size", type=positive_int)
-    p.add_argument("--seq-len", type=positive_int)
-    p.add_argument("--r-min", type=positive_int)
-    p.add_argument("--r-max", type=positive_int)
-    p.add_argument("--targets", help="LoRA targets among q,k,v,o,gate,up,down")
-    p.add_argument("--depth", type=int, help="global adapter depth (0 = every block)")
+    add_plan_args(p)
     p.add_argument("--deadline", type=positive_float, help="round deadline, simulated s")
     p.add_argument("--eval-max", type=positive_int)
     p.add_argument("--seed", type=int)
