@@ -7,6 +7,7 @@ export) add their dataclasses here.
 from __future__ import annotations
 
 import enum
+import re
 import types
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -468,7 +469,59 @@ class FleetConfig:
             raise ConfigError(f"wait_for_clients_s must be positive, got {self.wait_for_clients_s}")
 
 
-__all__ += ["MqttConfig", "FleetConfig", "Compression"]
+# Device and transfer ids (MQTT topic levels and file names).
+DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+@dataclass
+class AgentConfig:
+    """One device's settings.
+
+    Attributes:
+        device_id: unique id (also the broker username when the ACL is on).
+        data: local JSONL training file (never leaves the device).
+        model: model spec for `load_model` (GGUF path, HF folder, `smollm2-135m`, `tiny`).
+        state_dir: outbox and last adapter live here.
+        profile: the device's profile (measured by `edge-rt profile` or declared).
+        device_class: e.g. pi4, pi5, phone (the aggregator's fallback for a plan).
+        quant: weight-only quantization of the frozen base.
+        compression: upload encoding (fp32, fp16, int8).
+        chunk_size: upload chunk size in bytes.
+        ack_timeout_s: re-send an update not acked within this many seconds.
+        uplink_bytes_per_s: emulate a slow uplink (0 = unlimited).
+        out: where to save the final adapter (optional).
+        exit_when_done: stop once the final adapter is applied.
+        connect_timeout_s: give up on an unreachable broker after this long (None: never).
+    """
+
+    device_id: str
+    data: Path
+    model: str = "tiny"
+    state_dir: Path = Path(".edge-rt-agent")
+    profile: dict[str, Any] = field(default_factory=dict)
+    device_class: str = ""
+    quant: QuantMode = QuantMode.NONE
+    compression: Compression = Compression.FP32
+    chunk_size: int = 64 * 1024
+    ack_timeout_s: float = 10.0
+    uplink_bytes_per_s: float = 0.0
+    out: Path | None = None
+    exit_when_done: bool = True
+    connect_timeout_s: float | None = None  # None: wait for the broker forever
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.device_id, str) or not DEVICE_ID_RE.match(self.device_id):
+            raise ConfigError(f"device id {self.device_id!r} must be 1-64 characters of "
+                              "A-Z a-z 0-9 _ . - (it names MQTT topics and files)")
+        self.quant = _enum(QuantMode, self.quant, "agent quant")
+        self.compression = _enum(Compression, self.compression, "agent compression")
+        if self.chunk_size <= 0 or self.ack_timeout_s <= 0 or self.uplink_bytes_per_s < 0:
+            raise ConfigError("agent chunk_size and ack_timeout_s must be positive, "
+                              "uplink_bytes_per_s >= 0")
+
+
+
+__all__ += ["MqttConfig", "FleetConfig", "Compression", "AgentConfig", "DEVICE_ID_RE"]
 
 
 # --- Profiler (edge_runtime/profiler) ------------------------------------------------------

@@ -41,7 +41,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from edge_runtime.fleet.agent import AgentConfig, DeviceAgent
+    from edge_runtime.config import AgentConfig
+    from edge_runtime.fleet.agent import DeviceAgent
 
     profile: dict = {}
     if args.profile:

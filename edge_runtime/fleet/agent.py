@@ -16,13 +16,12 @@ import contextlib
 import logging
 import time
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from edge_runtime.adapter import Adapter
 from edge_runtime.checkpoints import LoadedModel, load_model
-from edge_runtime.config import Compression, MqttConfig, QuantMode
+from edge_runtime.config import AgentConfig, MqttConfig
 from edge_runtime.data import Example, load_jsonl
 from edge_runtime.errors import ConfigError
 from edge_runtime.fleet.codec import decode_adapter, encode_adapter
@@ -37,13 +36,12 @@ from edge_runtime.fleet.protocol import (
     Register,
     RoundAnnouncement,
     Topics,
-    check_id,
 )
 from edge_runtime.fleet.transfer import Reassembler, TransferError, iter_chunks, make_manifest
 from edge_runtime.lora import remove_lora, set_adapter
 from edge_runtime.rounds.device import LocalResult, RoundTask, run_local_round
 
-__all__ = ["AgentConfig", "DeviceAgent", "RoundGate"]
+__all__ = ["DeviceAgent", "RoundGate"]
 
 log = logging.getLogger(__name__)
 
@@ -56,48 +54,6 @@ class RoundGate(Protocol):
                    task: RoundTask) -> bool: ...
 
     def will_send(self, device_id: str, round_index: int, upload_bytes: int) -> bool: ...
-
-
-@dataclass
-class AgentConfig:
-    """One device's settings.
-
-    Attributes:
-        device_id: unique id (also the broker username when the ACL is on).
-        data: local JSONL training file (never leaves the device).
-        model: model spec for `load_model` (GGUF path, HF folder, `smollm2-135m`, `tiny`).
-        state_dir: outbox and last adapter live here.
-        profile: the device's profile (measured by `edge-rt profile` or declared).
-        device_class: e.g. pi4, pi5, phone (the aggregator's fallback for a plan).
-        quant: weight-only quantization of the frozen base.
-        compression: upload encoding (fp32, fp16, int8).
-        chunk_size: upload chunk size in bytes.
-        ack_timeout_s: re-send an update not acked within this many seconds.
-        uplink_bytes_per_s: emulate a slow uplink (0 = unlimited).
-        out: where to save the final adapter (optional).
-        exit_when_done: stop once the final adapter is applied.
-        connect_timeout_s: give up on an unreachable broker after this long (None: never).
-    """
-
-    device_id: str
-    data: Path
-    model: str = "tiny"
-    state_dir: Path = Path(".edge-rt-agent")
-    profile: dict[str, Any] = field(default_factory=dict)
-    device_class: str = ""
-    quant: QuantMode = QuantMode.NONE
-    compression: Compression = Compression.FP32
-    chunk_size: int = 64 * 1024
-    ack_timeout_s: float = 10.0
-    uplink_bytes_per_s: float = 0.0
-    out: Path | None = None
-    exit_when_done: bool = True
-    connect_timeout_s: float | None = None  # None: wait for the broker forever
-
-    def __post_init__(self) -> None:
-        check_id(self.device_id, "--device-id")
-        self.quant = QuantMode(self.quant)
-        self.compression = Compression(self.compression)
 
 
 class DeviceAgent:

@@ -27,6 +27,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from edge_runtime.config import DEVICE_ID_RE
 from edge_runtime.errors import UserError
 
 __all__ = [
@@ -51,7 +52,6 @@ PROTOCOL_VERSION = 2  # 2: the announcement carries the strategy's typed config
 DEFAULT_CHUNK_SIZE = 64 * 1024  # cloud brokers cap a message at 128-256 KB
 MAX_JSON_BYTES = 1 << 20  # a JSON control message larger than this is garbage
 
-_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 # Every reason an update can be refused with; counters are keyed by these.
 REJECT_REASONS: tuple[str, ...] = (
@@ -115,7 +115,7 @@ def _check_version(d: dict[str, Any], what: str) -> None:
 
 def check_id(value: str, what: str) -> str:
     """Device and transfer ids: 1-64 of [A-Za-z0-9_.-] (safe in topics and file names)."""
-    if not isinstance(value, str) or not _ID_RE.match(value):
+    if not isinstance(value, str) or not DEVICE_ID_RE.match(value):
         raise ProtocolError(f"{what}: id {value!r} must be 1-64 characters of A-Z a-z 0-9 _ . -")
     return value
 

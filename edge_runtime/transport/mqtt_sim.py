@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 
 from edge_runtime.checkpoints import LoadedModel
-from edge_runtime.config import MqttConfig, RunConfig
+from edge_runtime.config import AgentConfig, MqttConfig, RunConfig
 from edge_runtime.errors import UserError
-from edge_runtime.fleet.agent import AgentConfig, DeviceAgent
+from edge_runtime.fleet.agent import DeviceAgent
 from edge_runtime.fleet.server import AggregatorNode
 from edge_runtime.rounds.server import AggregatorService, RoundRecord
 from edge_runtime.transport.scheduler import SimDevice, SimScheduler

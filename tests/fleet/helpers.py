@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from edge_runtime.checkpoints import load_model
-from edge_runtime.config import MqttConfig, RunConfig
-from edge_runtime.fleet.agent import AgentConfig, DeviceAgent
+from edge_runtime.config import AgentConfig, MqttConfig, RunConfig
+from edge_runtime.fleet.agent import DeviceAgent
 from edge_runtime.fleet.server import AggregatorNode
 from edge_runtime.rounds.build import build_service
 from edge_runtime.rounds.server import AggregatorService
