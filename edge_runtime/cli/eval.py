@@ -14,27 +14,27 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, metavar="FILE.jsonl")
     p.add_argument("--adapter", metavar="DIR", help="PEFT adapter folder to apply")
     p.add_argument("--seq-len", type=positive_int, default=256)
-    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--batch-size", type=positive_int, default=16)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from edge_runtime.data import load_jsonl
-    from edge_runtime.evaluate import choice_accuracy, eval_loss
+    from edge_runtime.evaluate import evaluate
 
     examples = load_jsonl(args.data)
     loaded = load_from_args(args)
     if args.adapter:
         apply_adapter_dir(loaded, args.adapter)
+    res = evaluate(loaded.model, loaded.tokenizer, examples, args.seq_len, args.batch_size)
     result: dict = {
         "model": loaded.name,
         "adapter": args.adapter,
         "examples": len(examples),
-        "loss": round(eval_loss(loaded.model, loaded.tokenizer, examples, args.seq_len,
-                                args.batch_size), 6),
+        "loss": round(res.loss, 6),
     }
-    if any(e.choices is not None for e in examples):
-        result["accuracy"] = round(choice_accuracy(loaded.model, loaded.tokenizer, examples), 6)
-        result["choice_examples"] = sum(1 for e in examples if e.choices is not None)
+    if res.accuracy is not None:
+        result["accuracy"] = round(res.accuracy, 6)
+        result["choice_examples"] = res.choice_rows
     print(json.dumps(result))
     return 0
