@@ -59,6 +59,13 @@ class Example:
     answer: int | None = None
 
 
+def example_to_json(ex: Example) -> dict[str, object]:
+    """A row as `load_jsonl` reads it back (absent fields left out)."""
+    return {k: v for k, v in (("prompt", ex.prompt), ("response", ex.response),
+                              ("text", ex.text), ("choices", ex.choices),
+                              ("answer", ex.answer)) if v is not None}
+
+
 @dataclass
 class TokenizedExample:
     input_ids: list[int]

@@ -10,6 +10,7 @@ from edge_runtime.cli.run_args import add_run_file_args, resolve_run
 from edge_runtime.config import Compression, StrategyName
 
 FLAGS = {"model": "model.name", "clients": "sim.clients", "rounds": "fleet.rounds",
+         "data": "data.path", "partition": "data.partition", "eval_max": "data.eval_max",
          "strategy": "strategy.name", "local_steps": "train.steps",
          "round_timeout_s": "fleet.round_timeout_s", "compression": "fleet.compression",
          "seed": "seed"}
@@ -23,6 +24,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--clients", type=positive_int, help="agent processes (default 3)")
     p.add_argument("--rounds", type=positive_int)
     p.add_argument("--strategy", choices=[m.value for m in StrategyName])
+    p.add_argument("--data", help="dataset name or `edge-rt data pull` folder (default: "
+                   "sentiment, one review domain per device)")
+    p.add_argument("--partition", help="when --data is a name: domain|task|dirichlet|iid")
+    p.add_argument("--eval-max", type=positive_int, help="held-out rows scored each round "
+                   "(default 100)")
     p.add_argument("--out", default="demo-out", metavar="DIR",
                    help="metrics.json, adapter/, logs/ go here (default demo-out)")
     p.add_argument("--broker", metavar="URL",
@@ -42,7 +48,8 @@ def demo_base(model: str) -> dict[str, object]:
     tiny = model == "tiny"
     return {"sim.clients": 3, "train.steps": 10 if tiny else 4, "train.lr": 1e-3,
             "train.seq_len": 64, "fleet.round_timeout_s": 60.0 if tiny else 600.0,
-            "fleet.wait_for_clients_s": 180.0}
+            "fleet.wait_for_clients_s": 180.0, "data.path": "sentiment",
+            "data.partition": "domain", "data.eval_max": 100}
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,19 +1,17 @@
 """One-command fleet demo: broker, aggregator and N agent processes of different classes.
 
-`run_demo` writes non-IID local data for each client (one topic per client, generated
-deterministically, so the demo needs no download), starts the embedded broker (unless a
+`run_demo` gives each device its own split of real data (default: the sentiment
+domains, imdb, yelp and amazon reviews, one domain per device; `data.path` names another
+dataset or a folder from `edge-rt data pull`), starts the embedded broker (unless a
 broker URL is given), runs the aggregator in this process and N `edge-rt agent`
-subprocesses, prints one progress line per round on stderr, and writes:
+subprocesses, prints one progress line per round and the base and final global model's
+held-out loss and accuracy on stderr, and writes:
 
-    OUT/metrics.json    {"strategy", "config", "rounds": [{"round", "eval_loss", "bytes_up",
-                        "bytes_down", "sim_time_s", "participants"}], "fleet": {...}}
+    OUT/metrics.json    the one metrics schema (README, "Metrics"); `fleet.wire` has the
+                        MQTT packet bytes the embedded broker counted per round
     OUT/adapter/        the final global adapter (PEFT folder)
-    OUT/logs/*.log      each agent's log;  OUT/state/  the aggregator's state
-
-Bytes are the MQTT packets the broker really received from devices (up) and delivered
-to them (down), counted inside the embedded broker. With an external broker the
-aggregator's own accounting is used: up = payload + topic bytes of every upload message
-it received, down = the size of each selected device's download (adapter bytes).
+    OUT/logs/*.log      each agent's log;  OUT/state/  the aggregator's state;
+    OUT/data/           each device's training rows
 """
 
 from __future__ import annotations
@@ -32,7 +30,7 @@ from typing import Any
 
 from edge_runtime.checkpoints import load_model
 from edge_runtime.config import RunConfig
-from edge_runtime.data import load_jsonl
+from edge_runtime.data import Example, example_to_json
 from edge_runtime.errors import UserError
 from edge_runtime.fleet.agent import save_final
 from edge_runtime.fleet.broker import EmbeddedBroker
@@ -40,47 +38,39 @@ from edge_runtime.fleet.server import AggregatorNode
 from edge_runtime.rounds.build import build_service, make_evaluator
 from edge_runtime.rounds.server import RoundRecord
 
-__all__ = ["run_demo", "write_demo_data", "DEVICE_CLASSES"]
+__all__ = ["run_demo", "demo_data", "DEVICE_CLASSES"]
 
 log = logging.getLogger(__name__)
 
 # declared classes in profiles/ (RAM budget and speed give each its rank and depth)
 DEVICE_CLASSES = ("rpi5-8gb", "rpi4-2gb", "android-mid-6gb")
 
-# One topic per client: the same question shape, different answers (label skew).
-_TOPICS: dict[str, list[str]] = {
-    "color": ["red", "green", "blue", "yellow", "purple", "orange", "white", "black"],
-    "animal": ["cat", "dog", "owl", "fox", "bee", "cow", "eel", "yak"],
-    "city": ["Paris", "Rome", "Oslo", "Lima", "Cairo", "Delhi", "Quito", "Seoul"],
-    "number": ["one", "two", "three", "four", "five", "six", "seven", "eight"],
-}
+def demo_data(run: RunConfig, out: Path) -> tuple[list[Path], list[Example]]:
+    """Each device's training rows as its own JSONL file, and the held-out rows.
 
+    The data is `run.data.path` (a folder from `edge-rt data pull`, or a dataset name:
+    the demo's default is the sentiment domains, imdb, yelp and amazon, one per device);
+    held out: `run.data.eval_max` rows drawn from its test split with the run's seed.
+    """
+    from edge_runtime.simulation import load_client_data
 
-def _rows(topic: str, items: range, seed: int) -> list[dict[str, str]]:
-    rng = random.Random(seed)
-    vals = _TOPICS[topic]
-    return [{"prompt": f"What {topic} is item {i}?",
-             "response": f"Item {i} is {vals[(i * 3 + rng.randrange(2)) % len(vals)]}."}
-            for i in items]
-
-
-def write_demo_data(out: Path, n_clients: int, rows_per_client: int = 32) -> tuple[list[Path], Path]:
-    """Per-client JSONL files (client k gets topic k mod 4) and a held-out eval file."""
+    if run.data.path is None:
+        raise UserError("the demo needs data: pass --data NAME|DIR or set data.path")
+    train, test = load_client_data(run.data.path, run.sim.clients,
+                                   partition=run.data.partition,
+                                   alpha=run.data.dirichlet_alpha, seed=run.seed)
     out.mkdir(parents=True, exist_ok=True)
-    topics = list(_TOPICS)
     files = []
-    for k in range(n_clients):
-        topic = topics[k % len(topics)]
-        start = 1000 * k
-        rows = _rows(topic, range(start, start + rows_per_client), seed=k)
+    for k, rows in enumerate(train):
         path = out / f"client{k}.jsonl"
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        path.write_text("".join(json.dumps(example_to_json(e)) + "\n" for e in rows))
         files.append(path)
-    eval_rows = [r for j, t in enumerate(topics[:max(1, min(n_clients, len(topics)))])
-                 for r in _rows(t, range(90000 + 100 * j, 90000 + 100 * j + 8), seed=99 + j)]
-    eval_path = out / "eval.jsonl"
-    eval_path.write_text("".join(json.dumps(r) + "\n" for r in eval_rows))
-    return files, eval_path
+    n = min(len(test), run.data.eval_max)
+    return files, random.Random(run.seed).sample(test, n)
+
+
+def _acc(acc: float | None) -> str:
+    return "" if acc is None else f", accuracy {acc:.3f}"
 
 
 def _say(msg: str) -> None:
@@ -101,7 +91,7 @@ def run_demo(run: RunConfig, out: Path, broker_url: str | None = None,
         raise UserError(f"{out} holds a previous demo run; pass another --out or delete it")
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.monotonic()
-    files, eval_path = write_demo_data(out / "data", n_clients)
+    files, eval_rows = demo_data(run, out / "data")
     broker = None
     if broker_url is None:
         broker = EmbeddedBroker(classify=_classify).start()
@@ -111,10 +101,12 @@ def run_demo(run: RunConfig, out: Path, broker_url: str | None = None,
         url = broker_url
     mq = replace(run.mqtt, url=url)
     loaded = load_model(run.model.name, run.model.quant)
-    evaluator = make_evaluator(loaded, load_jsonl(eval_path), run.train.seq_len)
+    evaluator = make_evaluator(loaded, eval_rows, run.train.seq_len)
     svc = build_service(loaded, run, out / "state", evaluator=evaluator)
-    base_loss = svc.metrics[0].eval_loss
-    _say(f"model {loaded.name}: eval loss of the base model {base_loss:.4f}; strategy "
+    base = svc.metrics[0]
+    base_loss = base.eval_loss
+    _say(f"model {loaded.name}, data {run.data.path}: the base model's held-out loss "
+         f"{base_loss:.4f}{_acc(base.eval_accuracy)} on {len(eval_rows)} rows; strategy "
          f"{run.strategy.name.value}, {n_clients} clients, {run.fleet.rounds} rounds")
 
     wire: list[tuple[int, int]] = []  # broker counters at each round close
@@ -128,7 +120,8 @@ def run_demo(run: RunConfig, out: Path, broker_url: str | None = None,
             wire.append((up_in - last[0][0], down_out - last[0][1]))
             last[0] = (up_in, down_out)
         _say(f"round {rec.round}/{run.fleet.rounds}: {rec.participants}/{n_clients} updates "
-             f"merged, eval_loss {rec.eval_loss:.4f} (base {base_loss:.4f}), up "
+             f"merged, eval_loss {rec.eval_loss:.4f}{_acc(rec.eval_accuracy)} (base "
+             f"{base_loss:.4f}), up "
              f"{rec.bytes_up / 1e3:.1f} kB, down {rec.bytes_down / 1e3:.1f} kB, "
              f"{rec.time_s:.1f} s" + (f", rejected {rec.rejected}" if rec.rejected else ""))
 
@@ -211,6 +204,12 @@ def run_demo(run: RunConfig, out: Path, broker_url: str | None = None,
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     save_final(out / "adapter", svc.global_adapter, loaded.fingerprint, loaded.name)
     codes = [p.returncode for p in procs]
+    final = svc.metrics[-1]
+    _say(f"held-out, base model -> final global model: loss {base_loss:.4f} -> "
+         f"{final.eval_loss:.4f}" + (f", accuracy {base.eval_accuracy:.3f} -> "
+                                     f"{final.eval_accuracy:.3f}"
+                                     if final.eval_accuracy is not None
+                                     and base.eval_accuracy is not None else ""))
     _say(f"done in {time.monotonic() - t_start:.1f} s: metrics {out / 'metrics.json'}, "
          f"adapter {out / 'adapter'}; agents exited {codes}")
     if any(c != 0 for c in codes):

@@ -9,7 +9,7 @@ from edge_runtime.adapter import Adapter
 from edge_runtime.checkpoints import LoadedModel
 from edge_runtime.config import RunConfig
 from edge_runtime.data import Example
-from edge_runtime.evaluate import eval_loss
+from edge_runtime.evaluate import EvalResult, evaluate
 from edge_runtime.lora import remove_lora, set_adapter
 from edge_runtime.planning import GlobalShape, Planner
 from edge_runtime.profiler.profile_io import DeviceProfile
@@ -37,26 +37,28 @@ def model_shapes(loaded: LoadedModel, shape: GlobalShape) -> dict[str, tuple[int
 
 
 def make_evaluator(loaded: LoadedModel, examples: list[Example], seq_len: int = 128,
-                   lock: object | None = None) -> Callable[[Adapter], float]:
-    """Global adapter -> mean held-out token loss on `examples` with the base model."""
+                   lock: object | None = None) -> Callable[[Adapter], EvalResult]:
+    """Global adapter -> held-out loss (and choice accuracy) on `examples`, base + adapter."""
 
-    def evaluate(adapter: Adapter) -> float:
+    def run(adapter: Adapter) -> EvalResult:
         remove_lora(loaded.model)
         set_adapter(loaded.model, adapter, create=True)
-        return round(eval_loss(loaded.model, loaded.tokenizer, examples, seq_len=seq_len), 6)
+        res = evaluate(loaded.model, loaded.tokenizer, examples, seq_len=seq_len)
+        return EvalResult(round(res.loss, 6), None if res.accuracy is None
+                          else round(res.accuracy, 6), res.choice_rows)
 
     if lock is None:
-        return evaluate
+        return run
 
-    def locked(adapter: Adapter) -> float:
+    def locked(adapter: Adapter) -> EvalResult:
         with lock:  # type: ignore[attr-defined]
-            return evaluate(adapter)
+            return run(adapter)
 
     return locked
 
 
 def build_service(loaded: LoadedModel, run: RunConfig, state_dir: Path, *,
-                  evaluator: Callable[[Adapter], float] | None = None,
+                  evaluator: Callable[[Adapter], EvalResult] | None = None,
                   profiles_dir: Path | None = None, reference: DeviceProfile | None = None,
                   clock: Callable[[], float] | None = None) -> AggregatorService:
     """The server of a run on a loaded base model (declared classes from `profiles_dir`,

@@ -49,6 +49,7 @@ from edge_runtime.config import (
     TrainConfig,
     to_jsonable,
 )
+from edge_runtime.evaluate import EvalResult
 from edge_runtime.files import atomic_write
 from edge_runtime.fl.registry import make_strategy
 from edge_runtime.fl.types import Accumulator, ClientPlan, ClientUpdate
@@ -75,8 +76,8 @@ log = logging.getLogger(__name__)
 STATE_VERSION = 2
 MAX_EXTENSIONS = 3
 METRICS_SCHEMA = 1
-ROUND_KEYS = ("round", "eval_loss", "bytes_up", "bytes_down", "time_s", "participants",
-              "selected", "stragglers", "rejected")
+ROUND_KEYS = ("round", "eval_loss", "eval_accuracy", "bytes_up", "bytes_down", "time_s",
+              "participants", "selected", "stragglers", "rejected")
 
 
 def initial_global(shape: GlobalShape, shapes: dict[str, tuple[int, int]], seed: int) -> Adapter:
@@ -115,6 +116,7 @@ class RoundRecord:
 
     round: int
     eval_loss: float | None
+    eval_accuracy: float | None = None
     bytes_up: int = 0
     bytes_down: int = 0
     time_s: float = 0.0
@@ -172,6 +174,10 @@ class ServerState:
                    round_rejected=dict(d.get("round_rejected", {})))
 
 
+def _scores(ev: EvalResult | None) -> tuple[float | None, float | None]:
+    return (None, None) if ev is None else (ev.loss, ev.accuracy)
+
+
 def resolve_strategy(cfg: StrategyConfig, start: Adapter) -> StrategyConfig:
     """Fix what a strategy needs from the run's start (SA-FedLoRA's b0), once, as config."""
     s = cfg.settings
@@ -193,14 +199,15 @@ class AggregatorService:
         fingerprint: the base model fingerprint devices must have trained on.
         state_dir: where state is persisted (created; resumed if it holds a state).
         seed: seeds lora_a of the round-0 global and the per-round selection.
-        evaluator: optional global adapter -> eval loss (record 0 and after each merge).
+        evaluator: optional global adapter -> held-out loss and choice accuracy (record 0
+            and after each merge).
         clock: wall clock (seconds since the epoch); replaced in tests.
     """
 
     def __init__(self, fleet: FleetConfig, strategy: StrategyConfig, recipe: TrainConfig,
                  planner: Planner, shapes: dict[str, tuple[int, int]], fingerprint: str,
                  state_dir: Path, *, seed: int = 0,
-                 evaluator: Callable[[Adapter], float] | None = None,
+                 evaluator: Callable[[Adapter], EvalResult] | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self.cfg = fleet
         self.recipe = recipe
@@ -225,7 +232,7 @@ class AggregatorService:
             self.strategy_cfg = resolve_strategy(strategy, self.global_adapter)
             self.st = ServerState(STATE_VERSION, fingerprint, self.strategy_cfg.to_json())
             base = self.evaluator(self.global_adapter) if self.evaluator else None
-            self.st.metrics.append(RoundRecord(round=0, eval_loss=base))
+            self.st.metrics.append(RoundRecord(0, *_scores(base)))
             atomic_write(self._global_path(0), encode_adapter(self.global_adapter))
             self._save_state()
         self.planner = replace(planner, strategy=self.strategy_cfg)
@@ -495,9 +502,10 @@ class AggregatorService:
             for reasons in (self.st.rejected, self.st.round_rejected):
                 reasons["straggler_dropped"] = reasons.get("straggler_dropped", 0) + len(stragglers)
         new_global = self._acc.result() if self._accepted else self.global_adapter
-        eval_loss = self.evaluator(new_global) if self.evaluator is not None else None
+        ev = self.evaluator(new_global) if self.evaluator is not None else None
         took = duration_s if duration_s is not None else self.clock() - op.started_unix
-        rec = RoundRecord(round=self.round + 1, eval_loss=eval_loss,
+        loss, acc = _scores(ev)
+        rec = RoundRecord(round=self.round + 1, eval_loss=loss, eval_accuracy=acc,
                           bytes_up=self.st.round_bytes[0], bytes_down=self.st.round_bytes[1],
                           time_s=round(self.st.metrics[-1].time_s + took, 6),
                           participants=len(self._accepted), selected=selected,
@@ -519,7 +527,7 @@ class AggregatorService:
         if closed >= 1 and old.exists():
             old.unlink()
         log.info("round %d merged: %d participants, %d stragglers, eval_loss %s", closed + 1,
-                 rec.participants, rec.stragglers, eval_loss)
+                 rec.participants, rec.stragglers, rec.eval_loss)
         return rec
 
     def plans(self) -> dict[str, dict[str, Any]]:

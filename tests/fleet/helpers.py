@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import random
 import subprocess
 import threading
 import time
@@ -15,6 +17,43 @@ from edge_runtime.fleet.agent import DeviceAgent
 from edge_runtime.fleet.server import AggregatorNode
 from edge_runtime.rounds.build import build_service
 from edge_runtime.rounds.server import AggregatorService
+
+# One topic per client: the same question shape, different answers (label skew).
+_TOPICS: dict[str, list[str]] = {
+    "color": ["red", "green", "blue", "yellow", "purple", "orange", "white", "black"],
+    "animal": ["cat", "dog", "owl", "fox", "bee", "cow", "eel", "yak"],
+    "city": ["Paris", "Rome", "Oslo", "Lima", "Cairo", "Delhi", "Quito", "Seoul"],
+    "number": ["one", "two", "three", "four", "five", "six", "seven", "eight"],
+}
+
+
+def _rows(topic: str, items: range, seed: int) -> list[dict[str, str]]:
+    rng = random.Random(seed)
+    vals = _TOPICS[topic]
+    return [{"prompt": f"What {topic} is item {i}?",
+             "response": f"Item {i} is {vals[(i * 3 + rng.randrange(2)) % len(vals)]}."}
+            for i in items]
+
+
+def write_demo_data(out: Path, n_clients: int, rows_per_client: int = 32) -> tuple[list[Path], Path]:
+    """Small synthetic per-device JSONL files (device k gets topic k mod 4, label skew) and
+    a held-out file, for the fleet's fault tests."""
+    out.mkdir(parents=True, exist_ok=True)
+    topics = list(_TOPICS)
+    files = []
+    for k in range(n_clients):
+        topic = topics[k % len(topics)]
+        start = 1000 * k
+        rows = _rows(topic, range(start, start + rows_per_client), seed=k)
+        path = out / f"client{k}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        files.append(path)
+    eval_rows = [r for j, t in enumerate(topics[:max(1, min(n_clients, len(topics)))])
+                 for r in _rows(t, range(90000 + 100 * j, 90000 + 100 * j + 8), seed=99 + j)]
+    eval_path = out / "eval.jsonl"
+    eval_path.write_text("".join(json.dumps(r) + "\n" for r in eval_rows))
+    return files, eval_path
+
 
 TRAIN = {"steps": 3, "lr": 1e-3, "batch_size": 4, "seq_len": 48}
 

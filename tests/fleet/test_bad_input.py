@@ -13,7 +13,6 @@ from edge_runtime.adapter import LoRAWeights
 from edge_runtime.config import MqttConfig
 from edge_runtime.fl.types import ClientPlan
 from edge_runtime.fleet.codec import encode_adapter
-from edge_runtime.fleet.demo import write_demo_data
 from edge_runtime.fleet.mqtt_client import MqttLink
 from edge_runtime.fleet.protocol import (
     Ack,
@@ -26,7 +25,7 @@ from edge_runtime.fleet.protocol import (
 )
 from edge_runtime.fleet.transfer import iter_chunks, make_manifest
 
-from .helpers import Runner, make_agent, make_service, start_aggregator, wait_for
+from .helpers import Runner, make_agent, make_service, start_aggregator, wait_for, write_demo_data
 
 pytestmark = [pytest.mark.mosquitto, pytest.mark.slow]
 

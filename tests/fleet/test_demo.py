@@ -24,10 +24,17 @@ def _cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_demo_runs_and_writes_metrics_and_adapter(tmp_path: Path) -> None:
+    from edge_runtime.datasets.build import pull_dataset
+
+    data = tmp_path / "sent"  # the vendored raw sentiment slices: no download in tests
+    pull_dataset("sentiment", data, n_clients=2, partition="domain",
+                 raw=REPO / "tests" / "datasets" / "fixtures" / "sentiment")
     out = tmp_path / "demo"
-    r = _cli("demo", "--out", str(out), "--clients", "2", "--rounds", "2", timeout=280)
+    r = _cli("demo", "--out", str(out), "--clients", "2", "--rounds", "2", "--data",
+             str(data), timeout=280)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "[demo] round 2/2" in r.stderr
+    assert "base model -> final global model" in r.stderr
     m = json.loads((out / "metrics.json").read_text())
     assert m["strategy"] == "hetlora" and isinstance(m["config"], dict)
     assert [x["round"] for x in m["rounds"]] == [0, 1, 2]
@@ -40,6 +47,9 @@ def test_demo_runs_and_writes_metrics_and_adapter(tmp_path: Path) -> None:
         assert x["bytes_up"] > 2 * 4000 and x["bytes_down"] > 2 * 4000
         assert wire["up"] > x["bytes_up"] and wire["down"] > x["bytes_down"]
     assert m["rounds"][-1]["eval_loss"] < m["rounds"][0]["eval_loss"]
+    # real two-choice rows: accuracy is measured on the held-out rows every round
+    assert all(0.0 <= x["eval_accuracy"] <= 1.0 for x in m["rounds"])
+    assert m["config"]["data"]["path"] == str(data)
     from edge_runtime.adapter_io import load_adapter
     from edge_runtime.checkpoints import load_model
 

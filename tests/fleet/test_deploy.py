@@ -78,10 +78,9 @@ def test_shipped_config_tls_password_and_acl(tmp_path: Path) -> None:
 @pytest.mark.timeout(150)
 def test_a_round_runs_under_the_shipped_acl(tmp_path: Path) -> None:
     """The protocol needs nothing the ACL forbids: aggregator and devices with passwords."""
-    from edge_runtime.fleet.demo import write_demo_data
 
     from .conftest import Mosquitto
-    from .helpers import Runner, make_agent, make_service, start_aggregator
+    from .helpers import Runner, make_agent, make_service, start_aggregator, write_demo_data
 
     users = {"aggregator": "agg-pw", "pi-01": "pw1", "pi-02": "pw2"}
     m = Mosquitto(tmp_path, users=users, acl=(DEPLOY / "aclfile").read_text())

@@ -12,9 +12,8 @@ from pathlib import Path
 import pytest
 
 from edge_runtime.config import MqttConfig
-from edge_runtime.fleet.demo import write_demo_data
 
-from .helpers import Runner, make_agent, make_service, start_aggregator, wait_for
+from .helpers import Runner, make_agent, make_service, start_aggregator, wait_for, write_demo_data
 
 pytestmark = [pytest.mark.mosquitto, pytest.mark.slow]
 

@@ -10,10 +10,9 @@ import pytest
 from edge_runtime.config import MqttConfig, RunConfig
 from edge_runtime.datasets.build import pull_dataset
 from edge_runtime.fl.registry import STRATEGIES
-from edge_runtime.fleet.demo import write_demo_data
 from edge_runtime.simulation import run_simulation
 
-from .helpers import Runner, make_agent, make_run, make_service, start_aggregator
+from .helpers import Runner, make_agent, make_run, make_service, start_aggregator, write_demo_data
 
 FIX = Path(__file__).parents[1] / "datasets" / "fixtures" / "sentiment"
 
