@@ -218,25 +218,41 @@ class GenerateConfig:
 
 # --- Federated strategies (edge_runtime/fl) -------------------------------------------------
 
+class Weighting(str, enum.Enum):
+    """How a zero-padded average weighs each client's update."""
+
+    SPARSITY = "sparsity"  # HetLoRA: S_k = ||s_k B_k A_k||_F
+    SAMPLES = "samples"  # FedAvg: n_k
+    UNIFORM = "uniform"  # 1 each (an ablation)
+
+
 @dataclass
 class HetLoRAConfig:
-    """HetLoRA (Cho et al., arXiv 2401.06432) knobs: rank self-pruning and rank range.
+    """HetLoRA (Cho et al., arXiv 2401.06432) knobs: rank self-pruning, rank range and the
+    aggregation's weights (the paper's sparsity weights, or the baselines' ablations).
 
     Attributes:
         gamma: pruning ratio; the tail is the components past floor(gamma * r).
         lam: weight of the tail regulariser added to the local loss.
         r_min: no module is pruned below this rank.
         prune: whether clients self-prune at all.
+        weighting: sparsity (the paper), samples or uniform.
+        rankwise: average each rank component only over the clients that have it,
+            instead of zero-padding every client to r_max (which dilutes the components
+            only high-rank clients train, arXiv 2406.17477).
     """
 
     gamma: float = 0.9
     lam: float = 1e-3
     r_min: int = 4
     prune: bool = True
+    weighting: Weighting = Weighting.SPARSITY
+    rankwise: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 < self.gamma < 1.0:
             raise ConfigError(f"hetlora gamma must be in (0, 1), got {self.gamma}; try 0.9")
+        self.weighting = _enum(Weighting, self.weighting, "hetlora weighting")
         if self.lam < 0:
             raise ConfigError(f"hetlora lambda must be >= 0, got {self.lam}")
         if self.r_min <= 0:
@@ -349,7 +365,8 @@ class LegendConfig:
             raise ConfigError(f"legend min_depth must be positive, got {self.min_depth}")
 
 
-__all__ += ["HetLoRAConfig", "FlexLoRAConfig", "FlexMode", "SAFedLoRAConfig", "LegendConfig"]
+__all__ += ["HetLoRAConfig", "Weighting", "FlexLoRAConfig", "FlexMode", "SAFedLoRAConfig",
+            "LegendConfig"]
 
 
 @dataclass
@@ -609,7 +626,16 @@ class StrategyName(str, enum.Enum):
 
 @dataclass
 class FedAvgConfig:
-    """Homogeneous LoRA / FedAvg (McMahan et al. 2017): no settings of its own."""
+    """Homogeneous LoRA / FedAvg (McMahan et al. 2017): every device trains the global
+    adapter's ranks (`adapter.r_max`).
+
+    Attributes:
+        drop_weak: only devices whose own plan reaches r_max on every module take part
+            (what practitioners do today when some devices cannot afford the rank); the
+            others are never selected.
+    """
+
+    drop_weak: bool = False
 
 
 StrategySettings = FedAvgConfig | HetLoRAConfig | FlexLoRAConfig | SAFedLoRAConfig | LegendConfig

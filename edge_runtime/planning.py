@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_runtime.config import (
+    FedAvgConfig,
     LegendConfig,
     LoRAPlan,
     StrategyConfig,
@@ -157,12 +158,25 @@ class Planner:
     profiles_dir: Path | None = None
     reference: DeviceProfile | None = None
 
-    def plan(self, device_id: str, profile: dict[str, Any], device_class: str) -> ClientPlan:
-        """The device's plan for a round."""
+    def plan(self, device_id: str, profile: dict[str, Any], device_class: str
+             ) -> ClientPlan | None:
+        """The device's plan for a round; None: the device takes no part in this run."""
         shape, name = self.shape, self.strategy.name
         if name in (StrategyName.FEDAVG, StrategyName.SA_FEDLORA):
-            return ClientPlan(device_id, {n: shape.r_max for n in shape.modules()}, shape.alpha,
+            full = ClientPlan(device_id, {n: shape.r_max for n in shape.modules()}, shape.alpha,
                               device_class)
+            s = self.strategy.settings
+            if isinstance(s, FedAvgConfig) and s.drop_weak:  # only who can afford it all
+                own = self._own_plan(device_id, profile, device_class)
+                if own.ranks != full.ranks:
+                    return None
+            return full
+        return self._own_plan(device_id, profile, device_class)
+
+    def _own_plan(self, device_id: str, profile: dict[str, Any], device_class: str
+                  ) -> ClientPlan:
+        """What the device can afford (heterogeneous strategies plan this)."""
+        shape, name = self.shape, self.strategy.name
         measured = (isinstance(profile.get("plan"), dict)
                     or isinstance(profile.get("legend_cost"), dict))
         declared = None if measured else declared_class(device_class, self.profiles_dir)

@@ -24,8 +24,8 @@ def data_dir(tmp_path_factory):
     return out
 
 
-def small(strategy: str, data: Path, **sections) -> RunConfig:
-    d = {"strategy": {"name": strategy}, "model": {"name": "tiny"},
+def small(method: str, data: Path, **sections) -> RunConfig:
+    d = {"strategy": {"name": method}, "model": {"name": "tiny"},
          "adapter": {"r_min": 2, "r_max": 8, "depth": 0},
          "train": {"steps": 2, "seq_len": 48, "batch_size": 2, "lr": 1e-3},
          "fleet": {"rounds": 2}, "data": {"path": str(data), "eval_max": 6},
@@ -106,3 +106,11 @@ def test_plot_is_written_when_matplotlib_is_there(tmp_path):
     assert ok == (importlib.util.find_spec("matplotlib") is not None)
     if ok:
         assert (tmp_path / "m.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_fedavg_drop_weak_trains_only_the_devices_that_afford_r_max(data_dir):
+    m = run_simulation(small("fedavg", data_dir, strategy={"drop_weak": True},
+                             fleet={"rounds": 1}))
+    r1 = m["rounds"][1]
+    assert r1["participants"] == 1 and r1["selected"] == ["sim-002"]  # the fastest class
+    assert m["fleet"]["plans"]["sim-000"]["modules"] == 0

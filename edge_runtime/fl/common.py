@@ -48,16 +48,20 @@ def truncate_to_plan(global_adapter: Adapter, plan: ClientPlan) -> Adapter:
 class PaddedSum:
     """Running weighted sums of zero-padded s B (d_out, r_g) and A (r_g, d_in) per module.
 
-    `add(name, w, weight)` folds one client's module in; `result(global)` divides each
-    module by its own total weight (modules nobody sent keep the global factors).
-    Memory: one global-sized adapter plus one weight per module.
+    `add(name, w, weight)` folds one client's module in; `result()` divides each module
+    by its own total weight (modules nobody sent keep the global factors). With
+    `rankwise`, component i of a module is divided by the weight of the clients that
+    sent component i (the ones of rank > i); a component nobody sent keeps the global's.
+    Memory: one global-sized adapter plus one weight per module component.
     """
 
-    def __init__(self, global_adapter: Adapter) -> None:
+    def __init__(self, global_adapter: Adapter, *, rankwise: bool = False) -> None:
         self.global_adapter = global_adapter
+        self.rankwise = rankwise
         self.sum_b: dict[str, torch.Tensor] = {}
         self.sum_a: dict[str, torch.Tensor] = {}
         self.weight: dict[str, float] = {}
+        self.component_weight: dict[str, torch.Tensor] = {}  # (r_g,) per module
 
     def add(self, name: str, w: LoRAWeights, weight: float) -> None:
         g = self.global_adapter[name]
@@ -70,9 +74,11 @@ class PaddedSum:
             self.sum_b[name] = torch.zeros(g.d_out, r_g, dtype=torch.float64)
             self.sum_a[name] = torch.zeros(r_g, g.d_in, dtype=torch.float64)
             self.weight[name] = 0.0
+            self.component_weight[name] = torch.zeros(r_g, dtype=torch.float64)
         self.sum_b[name][:, : w.rank] += weight * sb
         self.sum_a[name][: w.rank] += weight * a
         self.weight[name] += weight
+        self.component_weight[name][: w.rank] += weight
 
     def result(self) -> Adapter:
         out: Adapter = {}
@@ -81,8 +87,16 @@ class PaddedSum:
             if tot <= 0.0:
                 out[name] = g.clone()
                 continue
-            out[name] = from_scaled_b(self.sum_b[name] / tot, self.sum_a[name] / tot, g.alpha,
-                                      g.lora_a.dtype)
+            if not self.rankwise:
+                out[name] = from_scaled_b(self.sum_b[name] / tot, self.sum_a[name] / tot,
+                                          g.alpha, g.lora_a.dtype)
+                continue
+            cw = self.component_weight[name]  # (r_g,)
+            sent = cw > 0
+            sb, a = scaled_b(g).clone(), g.lora_a.double().clone()
+            sb[:, sent] = self.sum_b[name][:, sent] / cw[sent]
+            a[sent] = self.sum_a[name][sent] / cw[sent, None]
+            out[name] = from_scaled_b(sb, a, g.alpha, g.lora_a.dtype)
         return out
 
 
@@ -95,14 +109,16 @@ class PaddedAccumulator:
         weight: w_k of an update (FedAvg and LEGEND: n_k; HetLoRA: its sparsity score).
         allow_subset: an update without a plan may send any subset of the modules (LEGEND:
             each module is averaged over the devices that trained it).
+        rankwise: each rank component averaged over the clients that have it
+            (`PaddedSum`).
     """
 
     def __init__(self, global_adapter: Adapter, weight: Callable[[ClientUpdate], float], *,
-                 allow_subset: bool = False) -> None:
+                 allow_subset: bool = False, rankwise: bool = False) -> None:
         self.global_adapter = global_adapter
         self.weight = weight
         self.allow_subset = allow_subset
-        self._sum = PaddedSum(global_adapter)
+        self._sum = PaddedSum(global_adapter, rankwise=rankwise)
         self._count = 0
 
     @property

@@ -31,10 +31,11 @@ import torch
 from torch import nn
 
 from edge_runtime.adapter import Adapter, LoRAWeights
-from edge_runtime.config import HetLoRAConfig
+from edge_runtime.config import HetLoRAConfig, Weighting
 from edge_runtime.fl.common import PaddedAccumulator, truncate_to_plan
 from edge_runtime.fl.types import (
     ClientPlan,
+    ClientUpdate,
     Regularizer,
     StrategyBase,
 )
@@ -150,11 +151,20 @@ def prune_adapter(adapter: Adapter, ranks: Mapping[str, int]) -> Adapter:
     return out
 
 
-class HetLoRAAccumulator(PaddedAccumulator):
-    """Weights S_k = ||s_k B_k A_k||_F (sparsity-weighted aggregation, sec. 3.3)."""
+_WEIGHTS: dict[Weighting, Callable[[ClientUpdate], float]] = {
+    Weighting.SPARSITY: lambda u: sparsity_score(u.adapter),
+    Weighting.SAMPLES: lambda u: float(u.num_samples),
+    Weighting.UNIFORM: lambda u: 1.0,
+}
 
-    def __init__(self, global_adapter: Adapter) -> None:
-        super().__init__(global_adapter, lambda u: sparsity_score(u.adapter))
+
+class HetLoRAAccumulator(PaddedAccumulator):
+    """Weights S_k = ||s_k B_k A_k||_F (sparsity-weighted aggregation, sec. 3.3), or the
+    ablations' weights; zero-padded, or rank-wise (`HetLoRAConfig`)."""
+
+    def __init__(self, global_adapter: Adapter, cfg: HetLoRAConfig | None = None) -> None:
+        cfg = cfg or HetLoRAConfig()
+        super().__init__(global_adapter, _WEIGHTS[cfg.weighting], rankwise=cfg.rankwise)
 
 
 class HetLoRA(StrategyBase):
@@ -184,4 +194,4 @@ class HetLoRA(StrategyBase):
         return prune_adapter(trained, new_ranks)
 
     def accumulator(self, global_adapter: Adapter, round_index: int = 0) -> HetLoRAAccumulator:
-        return HetLoRAAccumulator(global_adapter)
+        return HetLoRAAccumulator(global_adapter, self.cfg)

@@ -326,17 +326,25 @@ class AggregatorService:
         (self.online.add if online else self.online.discard)(device_id)
 
     # round verbs -----------------------------------------------------------------------
-    def _plan(self, dev: str) -> ClientPlan:
+    def _plan(self, dev: str) -> ClientPlan | None:
         info = self.st.devices[dev]
         plan = self.planner.plan(dev, info.profile, info.device_class)
+        if plan is None:
+            return None
         # never above what the global adapter holds now (SA-FedLoRA shrinks it), nor above
         # the ranks a HetLoRA device pruned itself to (its pruned rank sticks, sec. 3.2)
         ranks = {n: min(r, self.global_adapter[n].rank, info.rank_caps.get(n, r))
                  for n, r in plan.ranks.items()}
         return ClientPlan(dev, ranks, plan.alpha, plan.device_class)
 
+    def _plans_for(self, devices: list[str]) -> dict[str, dict[str, Any]]:
+        plans = {d: self._plan(d) for d in devices}
+        return {d: p.to_json() for d, p in plans.items() if p is not None}
+
     def _select(self, exclude: set[str]) -> list[str]:
-        pool = sorted(d for d in self.online if d in self.st.devices and d not in exclude)
+        """Online devices the planner gives a plan, then the fraction / max_clients draw."""
+        pool = sorted(d for d in self.online if d in self.st.devices and d not in exclude
+                      and self._plan(d) is not None)
         k = max(1, math.ceil(self.cfg.fraction * len(pool))) if pool else 0
         if self.cfg.max_clients:
             k = min(k, self.cfg.max_clients)
@@ -351,7 +359,7 @@ class AggregatorService:
         if self.st.open is not None:
             return self.current()
         now = self.clock()
-        plans = {d: self._plan(d).to_json() for d in self._select(set())}
+        plans = self._plans_for(self._select(set()))
         self.st.open = OpenRound(now, now + self.cfg.round_timeout_s, plans)
         self._acc = self.strategy.accumulator(self.global_adapter, self.round)
         self._accepted = {}
@@ -371,8 +379,7 @@ class AggregatorService:
 
     def final_round(self) -> RoundOpen:
         """After the last merge: every registered device's share of the final global."""
-        plans = {d: self._plan(d).to_json() for d in sorted(self.st.devices)}
-        return self._round_open(plans, self.clock(), True)
+        return self._round_open(self._plans_for(sorted(self.st.devices)), self.clock(), True)
 
     def _round_open(self, plans: dict[str, Any], deadline: float, finished: bool) -> RoundOpen:
         downloads: dict[str, tuple[Manifest, bytes]] = {}
@@ -489,8 +496,7 @@ class AggregatorService:
         if len(self._accepted) < self.cfg.min_clients and op.extensions < MAX_EXTENSIONS:
             op.extensions += 1
             op.deadline_unix = self.clock() + self.cfg.round_timeout_s
-            for dev in self._select(set(op.plans)):  # late joiners get a plan
-                op.plans[dev] = self._plan(dev).to_json()
+            op.plans.update(self._plans_for(self._select(set(op.plans))))  # late joiners
             self._save_state()
             log.warning("round %d: %d/%d updates at the deadline; extending (%d/%d)",
                         self.round, len(self._accepted), self.cfg.min_clients, op.extensions,
@@ -535,6 +541,10 @@ class AggregatorService:
         out = {}
         for dev in sorted(self.st.devices):
             p = self._plan(dev)
+            if p is None:
+                out[dev] = {"class": self.st.devices[dev].device_class, "modules": 0,
+                            "depth": 0, "rank_sum": 0, "max_rank": 0}
+                continue
             out[dev] = {"class": p.device_class, "modules": len(p.ranks),
                         "depth": len({n.split(".")[2] for n in p.ranks}),
                         "rank_sum": sum(p.ranks.values()),

@@ -137,3 +137,43 @@ def test_pruned_update_is_accepted_and_empty_round_is_identity():
     same = HetLoRA().aggregate(g, [])
     for name in SHAPES:
         torch.testing.assert_close(same[name].delta(), g[name].delta())
+
+
+@pytest.mark.parametrize("weighting", ["uniform", "samples", "sparsity"])
+@pytest.mark.parametrize("rankwise", [False, True])
+def test_weighting_and_rankwise_against_numpy(weighting: str, rankwise: bool) -> None:
+    """Brute force in numpy: pad every client's s B / A to r_max, weigh, divide by the
+    total weight (zero-padded) or by the weight of the clients holding each component."""
+    import numpy as np
+
+    from edge_runtime.config import HetLoRAConfig
+
+    gen = torch.Generator().manual_seed(11)
+    g = rand_adapter(gen, {n: R_MAX for n in SHAPES})
+    ranks = [2, 5, R_MAX]
+    ups = [make_update(gen, f"d{i}", {n: r for n in SHAPES}, 3 + 4 * i)
+           for i, r in enumerate(ranks)]
+    cfg = HetLoRAConfig(weighting=weighting, rankwise=rankwise, prune=False)
+    out = HetLoRA(cfg).aggregate(g, ups)
+    w = {"uniform": [1.0] * 3, "samples": [float(u.num_samples) for u in ups],
+         "sparsity": [float(np.sqrt(sum(np.linalg.norm(x.delta().numpy()) ** 2
+                                        for x in u.adapter.values()))) for u in ups]}[weighting]
+    for name in SHAPES:
+        d_out, d_in = SHAPES[name]
+        sb = np.zeros((d_out, R_MAX))
+        a = np.zeros((R_MAX, d_in))
+        cw = np.zeros(R_MAX)
+        for wk, u in zip(w, ups, strict=True):
+            f = u.adapter[name]
+            r = f.rank
+            sb[:, :r] += wk * f.scale * f.lora_b.numpy()
+            a[:r] += wk * f.lora_a.numpy()
+            cw[:r] += wk
+        if rankwise:
+            want = (sb / cw[None, :]) @ (a / cw[:, None])
+        else:
+            want = (sb / sum(w)) @ (a / sum(w))
+        np.testing.assert_allclose(out[name].delta().numpy(), want, rtol=1e-6, atol=1e-9)
+    if rankwise:  # the top components only the rank-8 client has are not diluted
+        top = ups[2].adapter[next(iter(SHAPES))]
+        torch.testing.assert_close(out[next(iter(SHAPES))].lora_a[5:], top.lora_a[5:])

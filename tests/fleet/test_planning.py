@@ -104,3 +104,18 @@ def test_declared_class_with_measured_reference_uses_the_profilers_chooser() -> 
     lg = plan_for_device("y", {}, "rpi5-8gb", tiny, strategy="legend", steps=5,
                          profiles_dir=REPO / "profiles", reference=ref, deadline_s=30.0)
     assert lg.ranks and set(lg.ranks) <= set(tiny.modules())
+
+
+def test_fedavg_drop_weak_keeps_only_devices_that_afford_the_global_plan() -> None:
+    from edge_runtime.config import FedAvgConfig
+
+    st = StrategyConfig(StrategyName.FEDAVG, FedAvgConfig(drop_weak=True))
+    planner = Planner(SHAPE, st, steps=10)
+    strong = planner.plan("s", {"plan": {"rank": 8, "depth": 4}}, "")
+    weak_rank = planner.plan("w", {"plan": {"rank": 4, "depth": 4}}, "")
+    shallow = planner.plan("d", {"plan": {"rank": 8, "depth": 2}}, "")
+    assert strong is not None and set(strong.ranks.values()) == {8}
+    assert weak_rank is None and shallow is None
+    # without drop_weak the weak device trains the global ranks (the infeasible oracle)
+    oracle = Planner(SHAPE, StrategyConfig(StrategyName.FEDAVG), steps=10)
+    assert oracle.plan("w", {"plan": {"rank": 4, "depth": 4}}, "") is not None
