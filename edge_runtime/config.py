@@ -755,6 +755,11 @@ class AdapterSpec:
         return d
 
 
+class EvalSplit(str, enum.Enum):
+    TEST = "test"
+    VALIDATION = "validation"
+
+
 @dataclass
 class DataSpec:
     """Where a simulated fleet's data comes from and what is held out.
@@ -766,6 +771,9 @@ class DataSpec:
         dirichlet_alpha: concentration of the Dirichlet split.
         eval: a held-out JSONL file scored after each merge (aggregator, demo).
         eval_max: at most this many held-out rows are scored each round.
+        validation_fraction: share of each device's training rows held out (never
+            trained on) as the validation split, for choosing hyper-parameters.
+        eval_split: which rows a simulation scores each round: test or validation.
     """
 
     path: str | None = None
@@ -773,8 +781,16 @@ class DataSpec:
     dirichlet_alpha: float = 0.5
     eval: str | None = None
     eval_max: int = 64
+    validation_fraction: float = 0.0
+    eval_split: EvalSplit = EvalSplit.TEST
 
     def __post_init__(self) -> None:
+        self.eval_split = _enum(EvalSplit, self.eval_split, "data.eval_split")
+        if not 0.0 <= self.validation_fraction < 1.0:
+            raise ConfigError(f"data.validation_fraction must be in [0, 1), got "
+                              f"{self.validation_fraction}")
+        if self.eval_split is EvalSplit.VALIDATION and self.validation_fraction == 0.0:
+            raise ConfigError("data.eval_split = validation needs data.validation_fraction > 0")
         if self.dirichlet_alpha <= 0:
             raise ConfigError(f"data.dirichlet_alpha must be positive, got {self.dirichlet_alpha}")
         if self.eval_max <= 0:
@@ -1043,5 +1059,5 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 __all__ += ["lora_module_name", "StrategyName", "FedAvgConfig", "StrategyConfig",
             "STRATEGY_SETTINGS", "Transport", "ModelSpec", "AdapterSpec", "DataSpec",
-            "SimConfig", "RunConfig", "to_jsonable", "from_dict", "load_run_file", "set_key",
+            "SimConfig", "RunConfig", "EvalSplit", "to_jsonable", "from_dict", "load_run_file", "set_key",
             "parse_override"]

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import random
 import tempfile
 import threading
 from pathlib import Path
 from typing import Any
 
-from edge_runtime.config import LegendConfig, RunConfig, StrategyConfig, Transport
+from edge_runtime.config import EvalSplit, LegendConfig, RunConfig, StrategyConfig, Transport
 from edge_runtime.data import Example, load_jsonl
 from edge_runtime.errors import ConfigError, DataError
 from edge_runtime.fl.devices import DeviceClass, analytic_cost, load_device_classes
@@ -28,7 +29,7 @@ from edge_runtime.fl.legend import predict_time
 from edge_runtime.model import ModelConfig
 from edge_runtime.transport.scheduler import SimDevice
 
-__all__ = ["class_ranks", "build_devices", "load_client_data", "run_simulation"]
+__all__ = ["split_validation", "class_ranks", "build_devices", "load_client_data", "run_simulation"]
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,23 @@ def resolve_legend_deadline(run: RunConfig, devices: list[SimDevice], n_layers: 
     return dataclasses.replace(run, strategy=new)
 
 
+def split_validation(train: list[list[Example]], fraction: float
+                     ) -> tuple[list[list[Example]], list[Example]]:
+    """Hold out the last ceil(fraction * n) rows of each device's split (never trained on).
+
+    The pulled splits are already shuffled, so the last rows are a random sample; the
+    split does not depend on the run's seed, so every method and seed sees the same one.
+    """
+    if fraction <= 0.0:
+        return train, []
+    kept, held = [], []
+    for rows in train:
+        k = min(len(rows) - 1, math.ceil(fraction * len(rows)))
+        kept.append(rows[: len(rows) - k])
+        held.extend(rows[len(rows) - k:])
+    return kept, held
+
+
 def load_client_data(data: str, n_clients: int, *, partition: str | None, alpha: float,
                      seed: int) -> tuple[list[list[Example]], list[Example]]:
     """Client train splits and the global held-out rows from a folder or a dataset name."""
@@ -115,6 +133,9 @@ def run_simulation(run: RunConfig) -> dict[str, Any]:
     train, test = load_client_data(run.data.path, run.sim.clients,
                                    partition=run.data.partition,
                                    alpha=run.data.dirichlet_alpha, seed=run.seed)
+    train, validation = split_validation(train, run.data.validation_fraction)
+    if run.data.eval_split is EvalSplit.VALIDATION:
+        test = validation
     loaded = load_model(run.model.name, run.model.quant)
     model_cfg = loaded.model.config
     devices = build_devices(run, model_cfg, classes, train)

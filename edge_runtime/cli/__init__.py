@@ -23,7 +23,7 @@ COMMANDS: tuple[str, ...] = (
     "eval",
     "profile",
     "demo", "agent", "aggregator",
-    "data", "simulate",
+    "data", "simulate", "compare",
 )
 
 
