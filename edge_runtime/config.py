@@ -453,6 +453,10 @@ class FleetConfig:
         chunk_size: bytes per chunk on the wire (<= 64 KiB suits cloud brokers).
         compression: downlink/uplink tensor encoding: fp32 | fp16 | int8.
         wait_for_clients_s: before round 0, wait up to this long for min_clients to register.
+        diagnostics_rank: when > 0, each round also logs the aggregation error against the
+            exact average of the clients' products and the share of its energy in the top
+            `diagnostics_rank` singular directions (`fl.diagnostics`; dense products, for
+            studies).
     """
 
     rounds: int = 3
@@ -465,9 +469,12 @@ class FleetConfig:
     chunk_size: int = 64 * 1024
     compression: Compression = Compression.FP32
     wait_for_clients_s: float = 120.0
+    diagnostics_rank: int = 0
 
     def __post_init__(self) -> None:
         self.compression = _enum(Compression, self.compression, "fleet.compression")
+        if self.diagnostics_rank < 0:
+            raise ConfigError(f"fleet.diagnostics_rank must be >= 0, got {self.diagnostics_rank}")
         if self.rounds <= 0:
             raise ConfigError(f"rounds must be positive, got {self.rounds}; pass --rounds 3")
         if self.min_clients <= 0:

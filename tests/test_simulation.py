@@ -114,3 +114,11 @@ def test_fedavg_drop_weak_trains_only_the_devices_that_afford_r_max(data_dir):
     r1 = m["rounds"][1]
     assert r1["participants"] == 1 and r1["selected"] == ["sim-002"]  # the fastest class
     assert m["fleet"]["plans"]["sim-000"]["modules"] == 0
+
+
+def test_diagnostics_are_logged_each_round(data_dir):
+    m = run_simulation(small("flexlora", data_dir, fleet={"diagnostics_rank": 2}))
+    assert m["rounds"][0]["diagnostics"] is None
+    for r in m["rounds"][1:]:
+        d = r["diagnostics"]
+        assert 0.0 <= d["agg_error"] and 0.0 < d["top_rmin_energy"] <= 1.0

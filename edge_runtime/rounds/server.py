@@ -77,7 +77,7 @@ STATE_VERSION = 2
 MAX_EXTENSIONS = 3
 METRICS_SCHEMA = 1
 ROUND_KEYS = ("round", "eval_loss", "eval_accuracy", "bytes_up", "bytes_down", "time_s",
-              "participants", "selected", "stragglers", "rejected")
+              "participants", "selected", "stragglers", "rejected", "diagnostics")
 
 
 def initial_global(shape: GlobalShape, shapes: dict[str, tuple[int, int]], seed: int) -> Adapter:
@@ -124,6 +124,7 @@ class RoundRecord:
     selected: list[str] = field(default_factory=list)
     stragglers: int = 0
     rejected: dict[str, int] = field(default_factory=dict)
+    diagnostics: dict[str, float] | None = None
     accepted: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
@@ -508,6 +509,7 @@ class AggregatorService:
             for reasons in (self.st.rejected, self.st.round_rejected):
                 reasons["straggler_dropped"] = reasons.get("straggler_dropped", 0) + len(stragglers)
         new_global = self._acc.result() if self._accepted else self.global_adapter
+        diag = self._diagnostics(new_global) if self.cfg.diagnostics_rank else None
         ev = self.evaluator(new_global) if self.evaluator is not None else None
         took = duration_s if duration_s is not None else self.clock() - op.started_unix
         loss, acc = _scores(ev)
@@ -516,7 +518,7 @@ class AggregatorService:
                           time_s=round(self.st.metrics[-1].time_s + took, 6),
                           participants=len(self._accepted), selected=selected,
                           stragglers=len(stragglers), rejected=dict(self.st.round_rejected),
-                          accepted=sorted(self._accepted))
+                          diagnostics=diag, accepted=sorted(self._accepted))
         atomic_write(self._global_path(self.round + 1), encode_adapter(new_global))
         closed = self.round
         self.st.metrics.append(rec)
@@ -535,6 +537,20 @@ class AggregatorService:
         log.info("round %d merged: %d participants, %d stragglers, eval_loss %s", closed + 1,
                  rec.participants, rec.stragglers, rec.eval_loss)
         return rec
+
+    def _diagnostics(self, new_global: Adapter) -> dict[str, float] | None:
+        """`fl.diagnostics` over the open round's journaled updates."""
+        from edge_runtime.fl.diagnostics import aggregation_diagnostics
+
+        jdir = self._journal_dir(self.round)
+        updates = []
+        for f in sorted(jdir.glob("*.bin")) if jdir.is_dir() else []:
+            adapter, meta = decode_adapter(f.read_bytes())
+            updates.append(ClientUpdate(f.stem, adapter, int(meta["n_samples"])))
+        if not updates:
+            return None
+        d = aggregation_diagnostics(new_global, updates, self.cfg.diagnostics_rank)
+        return {k: round(v, 6) for k, v in d.items()}
 
     def plans(self) -> dict[str, dict[str, Any]]:
         """{device: {class, modules, depth, rank_sum, max_rank}} of each device's plan now."""
