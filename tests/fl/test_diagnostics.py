@@ -5,13 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from fl_helpers import SHAPES, make_update, rand_adapter
 
 from edge_runtime.config import FlexLoRAConfig
 from edge_runtime.fl.diagnostics import aggregation_diagnostics
 from edge_runtime.fl.fedavg import FedAvg
 from edge_runtime.fl.flexlora import FlexLoRA
-
-from fl_helpers import SHAPES, make_update, rand_adapter
 
 
 def _brute(new, ups, r):  # type: ignore[no-untyped-def]
