@@ -223,10 +223,44 @@ def run_compare(spec: CompareSpec, out: Path,
                      for s in spec.seeds],
         }
         curves[method] = [r["rounds"] for r in runs]
+    add_time_to_target(report, curves)
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     (out / "report.md").write_text(render_markdown(report))
     plot_curves(curves, out)
     return report
+
+
+def add_time_to_target(report: dict[str, Any], curves: dict[str, list[list[dict[str, Any]]]],
+                       share: float = 0.95) -> None:
+    """Simulated time and MB sent until a run first reaches `share` of the best method's
+    mean final accuracy (or, without accuracy, loss within 1/share of the best mean final
+    loss); per method, over seeds (a run that never gets there counts as not reaching)."""
+    accs = [m["eval_accuracy"]["mean"] for m in report["methods"].values()]
+    use_acc = all(a is not None for a in accs)
+    if use_acc:
+        target = share * max(accs)
+    else:
+        target = min(m["eval_loss"]["mean"] for m in report["methods"].values()) / share
+    report["target"] = {"metric": "eval_accuracy" if use_acc else "eval_loss",
+                        "share": share, "value": target}
+    for name, runs in curves.items():
+        times: list[float | None] = []
+        mbs: list[float | None] = []
+        for rounds in runs:
+            sent, hit = 0.0, None
+            for r in rounds:
+                sent += r["bytes_up"] + r["bytes_down"]
+                ok = (r["eval_accuracy"] is not None and r["eval_accuracy"] >= target
+                      if use_acc else r["eval_loss"] <= target)
+                if ok:
+                    hit = (float(r["time_s"]), sent / 1e6)
+                    break
+            times.append(hit[0] if hit else None)
+            mbs.append(hit[1] if hit else None)
+        m = report["methods"][name]
+        m["reached_target"] = sum(t is not None for t in times)
+        m["time_to_target_s"] = _stats(times)
+        m["mb_to_target"] = _stats(mbs)
 
 
 def _fmt(s: dict[str, Any], digits: int = 4) -> str:
@@ -245,6 +279,16 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {name} | {m['lr']:g} | {_fmt(m['eval_loss'])} | "
                      f"{_fmt(m['eval_accuracy'], 3)} | {_fmt(m['mb_up'], 2)} | "
                      f"{_fmt(m['mb_down'], 2)} | {_fmt(m['sim_time_s'], 0)} |")
+    tgt = report.get("target")
+    if tgt is not None:
+        lines += ["", f"To target ({tgt['metric']} {'>=' if tgt['metric'] == 'eval_accuracy' else '<='} "
+                  f"{tgt['value']:.4f}: {tgt['share']:.0%} of the best method's mean final "
+                  "value), over the seeds that reached it:", "",
+                  "| method | reached | sim. time to target (s) | MB to target |",
+                  "|---|---|---|---|"]
+        for name, m in report["methods"].items():
+            lines.append(f"| {name} | {m['reached_target']}/{len(seeds)} | "
+                         f"{_fmt(m['time_to_target_s'], 0)} | {_fmt(m['mb_to_target'], 2)} |")
     first = next(iter(report["methods"].values()))
     lines += ["", f"Base model: held-out loss {first['base_eval_loss']:.4f}"
               + (f", accuracy {first['base_eval_accuracy']:.3f}"

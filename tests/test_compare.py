@@ -72,7 +72,11 @@ def test_compare_picks_lr_on_validation_caches_and_reports(data_dir: Path,
         assert m["eval_loss"]["std"] == pytest.approx(statistics.stdev(vals))
         assert m["final_round"] == 2  # the final round, not the best
     md = (tmp_path / "out" / "report.md").read_text()
-    assert "hetlora" in md and "±" in md
+    assert "hetlora" in md and "±" in md and "To target" in md
+    best = max(m["eval_accuracy"]["mean"] for m in report["methods"].values())
+    assert report["target"]["value"] == pytest.approx(0.95 * best)
+    winner = max(report["methods"].values(), key=lambda m: m["eval_accuracy"]["mean"])
+    assert winner["reached_target"] >= 1
     # a second run re-renders from the cache without training
     calls.clear()
     again = run_compare(load_compare(cfg), tmp_path / "out", counting)
