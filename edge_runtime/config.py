@@ -781,6 +781,8 @@ class DataSpec:
         validation_fraction: share of each device's training rows held out (never
             trained on) as the validation split, for choosing hyper-parameters.
         eval_split: which rows a simulation scores each round: test or validation.
+        per_client: after the last round, also score the final global adapter on each
+            device's own held-out rows (metrics `per_client`).
     """
 
     path: str | None = None
@@ -790,6 +792,7 @@ class DataSpec:
     eval_max: int = 64
     validation_fraction: float = 0.0
     eval_split: EvalSplit = EvalSplit.TEST
+    per_client: bool = False
 
     def __post_init__(self) -> None:
         self.eval_split = _enum(EvalSplit, self.eval_split, "data.eval_split")

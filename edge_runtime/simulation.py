@@ -29,7 +29,7 @@ from edge_runtime.fl.legend import predict_time
 from edge_runtime.model import ModelConfig
 from edge_runtime.transport.scheduler import SimDevice
 
-__all__ = ["split_validation", "class_ranks", "build_devices", "load_client_data", "run_simulation"]
+__all__ = ["per_client_metrics", "load_client_tests", "split_validation", "class_ranks", "build_devices", "load_client_data", "run_simulation"]
 
 log = logging.getLogger(__name__)
 
@@ -96,9 +96,10 @@ def split_validation(train: list[list[Example]], fraction: float
     return kept, held
 
 
-def load_client_data(data: str, n_clients: int, *, partition: str | None, alpha: float,
-                     seed: int) -> tuple[list[list[Example]], list[Example]]:
-    """Client train splits and the global held-out rows from a folder or a dataset name."""
+def _client_dirs(data: str, n_clients: int, *, partition: str | None, alpha: float,
+                 seed: int) -> tuple[Path, list[Path]]:
+    """The data folder (pulled into the cache when `data` is a dataset name) and its
+    client_* folders."""
     folder = Path(data)
     if not folder.is_dir():
         from edge_runtime.cli.data import default_out
@@ -112,10 +113,24 @@ def load_client_data(data: str, n_clients: int, *, partition: str | None, alpha:
     if not dirs:
         raise DataError(f"{folder} has no client_*/train.jsonl; make one with "
                         "`edge-rt data pull NAME --clients N --out DIR`")
-    train = [load_jsonl(d / "train.jsonl") for d in dirs[:n_clients]]
+    return folder, dirs[:n_clients]
+
+
+def load_client_tests(data: str, n_clients: int, *, partition: str | None, alpha: float,
+                      seed: int) -> list[list[Example]]:
+    """Each client's own held-out rows (client_*/test.jsonl; empty when absent)."""
+    _, dirs = _client_dirs(data, n_clients, partition=partition, alpha=alpha, seed=seed)
+    return [load_jsonl(d / "test.jsonl") if (d / "test.jsonl").is_file() else [] for d in dirs]
+
+
+def load_client_data(data: str, n_clients: int, *, partition: str | None, alpha: float,
+                     seed: int) -> tuple[list[list[Example]], list[Example]]:
+    """Client train splits and the global held-out rows from a folder or a dataset name."""
+    folder, dirs = _client_dirs(data, n_clients, partition=partition, alpha=alpha, seed=seed)
+    train = [load_jsonl(d / "train.jsonl") for d in dirs]
     test_path = folder / "test.jsonl"
     test = load_jsonl(test_path) if test_path.is_file() else [
-        e for d in dirs[:n_clients] for e in load_jsonl(d / "test.jsonl")]
+        e for d in dirs for e in load_jsonl(d / "test.jsonl")]
     return train, test
 
 
@@ -154,4 +169,28 @@ def run_simulation(run: RunConfig) -> dict[str, Any]:
             run_inproc(svc, devices, loaded, scheduler, run.fleet.compression)
         config = run.to_json()
         config["strategy"] = svc.strategy_cfg.to_json()
-        return svc.metrics_json(config, clock="simulated")
+        metrics = svc.metrics_json(config, clock="simulated")
+        if run.data.per_client:
+            metrics["per_client"] = per_client_metrics(run, loaded, svc.global_adapter,
+                                                       [d.device_id for d in devices])
+        return metrics
+
+
+def per_client_metrics(run: RunConfig, loaded: Any, adapter: Any, device_ids: list[str]
+                       ) -> dict[str, dict[str, Any]]:
+    """The final global adapter on each device's own held-out rows (at most eval_max each),
+    beside the pooled metrics of the rounds."""
+    from edge_runtime.rounds.build import make_evaluator
+
+    tests = load_client_tests(run.data.path or "", run.sim.clients,
+                              partition=run.data.partition, alpha=run.data.dirichlet_alpha,
+                              seed=run.seed)
+    out: dict[str, dict[str, Any]] = {}
+    for dev, rows in zip(device_ids, tests, strict=True):
+        if not rows:
+            continue
+        rows = rows if len(rows) <= run.data.eval_max else random.Random(run.seed).sample(
+            rows, run.data.eval_max)
+        res = make_evaluator(loaded, rows, run.train.seq_len)(adapter)
+        out[dev] = {"rows": len(rows), "eval_loss": res.loss, "eval_accuracy": res.accuracy}
+    return out

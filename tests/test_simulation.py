@@ -24,11 +24,11 @@ def data_dir(tmp_path_factory):
     return out
 
 
-def small(method: str, data: Path, **sections) -> RunConfig:
+def small(method: str, folder: Path, **sections) -> RunConfig:
     d = {"strategy": {"name": method}, "model": {"name": "tiny"},
          "adapter": {"r_min": 2, "r_max": 8, "depth": 0},
          "train": {"steps": 2, "seq_len": 48, "batch_size": 2, "lr": 1e-3},
-         "fleet": {"rounds": 2}, "data": {"path": str(data), "eval_max": 6},
+         "fleet": {"rounds": 2}, "data": {"path": str(folder), "eval_max": 6},
          "sim": {"clients": 3, "device_classes": CLASSES}}
     for k, v in sections.items():
         d.setdefault(k, {}).update(v)
@@ -122,3 +122,25 @@ def test_diagnostics_are_logged_each_round(data_dir):
     for r in m["rounds"][1:]:
         d = r["diagnostics"]
         assert 0.0 <= d["agg_error"] and 0.0 < d["top_rmin_energy"] <= 1.0
+
+
+def test_per_client_metrics_score_the_final_global_on_each_devices_rows(data_dir):
+    from edge_runtime.checkpoints import load_model
+    from edge_runtime.data import load_jsonl
+    from edge_runtime.evaluate import evaluate
+
+    m = run_simulation(small("hetlora", data_dir, fleet={"rounds": 1},
+                             data={"per_client": True}))
+    pc = m["per_client"]
+    assert sorted(pc) == ["sim-000", "sim-001", "sim-002"]
+    # with no training the per-client numbers are the base model's on each client's rows
+    base = run_simulation(small("hetlora", data_dir, fleet={"rounds": 1},
+                                data={"per_client": True}, sim={"dropout": 0.999}))
+    lm = load_model("tiny")
+    for i, dev in enumerate(sorted(base["per_client"])):
+        rows = load_jsonl(data_dir / f"client_{i:03d}" / "test.jsonl")[:6]
+        assert base["per_client"][dev]["rows"] == len(rows)
+        if len(load_jsonl(data_dir / f"client_{i:03d}" / "test.jsonl")) <= 6:
+            want = evaluate(lm.model, lm.tokenizer, rows, seq_len=48)
+            assert base["per_client"][dev]["eval_loss"] == pytest.approx(want.loss, abs=1e-5)
+    assert any(pc[d]["eval_loss"] != base["per_client"][d]["eval_loss"] for d in pc)
