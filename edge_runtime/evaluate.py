@@ -126,11 +126,7 @@ def choice_logprobs(model: CausalLM, tokenizer: TokenizerLike, prompt: str, choi
         h_p = model.hidden_states(torch.tensor([p_ids]), torch.arange(n_p))  # (1, P, dim)
         first = F.log_softmax(model.lm_head(h_p[0, -1]).float(), dim=-1)  # (V,)
         if n_c > 1:  # every choice continues the cached prompt, one batch row each
-            for layer in model.blocks():
-                kv = layer.self_attn.kv_cache
-                assert kv is not None
-                kv.k_cache = kv.k_cache.expand(len(valid), -1, -1, -1).clone()
-                kv.v_cache = kv.v_cache.expand(len(valid), -1, -1, -1).clone()
+            _share_cache(model, len(valid))
             rest = torch.full((len(valid), n_c - 1), tokenizer.pad_id, dtype=torch.long)
             for row, i in enumerate(valid):
                 rest[row, : len(c_ids[i]) - 1] = torch.tensor(c_ids[i][:-1])
@@ -178,6 +174,15 @@ def choice_scores(model: CausalLM, tokenizer: TokenizerLike, rows: list[Example]
     return [o if o is not None else [] for o in out]
 
 
+def _share_cache(model: CausalLM, batch: int) -> None:
+    """Copy a batch-1 KV cache (a prefix computed once) to `batch` rows that continue it."""
+    for layer in model.blocks():
+        kv = layer.self_attn.kv_cache
+        assert kv is not None
+        kv.k_cache = kv.k_cache.expand(batch, -1, -1, -1).clone()
+        kv.v_cache = kv.v_cache.expand(batch, -1, -1, -1).clone()
+
+
 def _common_prefix(rows: torch.Tensor, limit: int) -> int:
     """Length of the token prefix all rows (B, T) share, at most `limit`."""
     same = (rows == rows[:1]).all(dim=0)  # (T,)
@@ -197,11 +202,7 @@ def _hidden_after_prefix(model: CausalLM, ids: torch.Tensor, n_pre: int) -> torc
     model.setup_cache(1, t)
     try:
         model.hidden_states(ids[:1, :n_pre], torch.arange(n_pre))
-        for layer in model.blocks():
-            kv = layer.self_attn.kv_cache
-            assert kv is not None
-            kv.k_cache = kv.k_cache.expand(b, -1, -1, -1).clone()
-            kv.v_cache = kv.v_cache.expand(b, -1, -1, -1).clone()
+        _share_cache(model, b)
         return model.hidden_states(ids[:, n_pre:], torch.arange(n_pre, t))
     finally:
         model.clear_cache()

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from edge_runtime.adapter import Adapter, LoRAWeights, layer_index
-from edge_runtime.config import LoRAPlan
+from edge_runtime.config import LoRAPlan, lora_module_name
 from edge_runtime.errors import AdapterMismatchError
 from edge_runtime.model import CausalLM
 
@@ -117,9 +117,8 @@ def apply_lora(model: CausalLM, plan: LoRAPlan) -> dict[str, LoRALinear]:
     for i in layers:
         block = model.model.layers[i]
         for target in plan.targets:
-            parent = block.self_attn if target in ("q_proj", "k_proj", "v_proj", "o_proj") else block.mlp
-            sub = "self_attn" if parent is block.self_attn else "mlp"
-            name = f"model.layers.{i}.{sub}.{target}"
+            name = lora_module_name(i, target)
+            parent = block.self_attn if ".self_attn." in name else block.mlp
             base = getattr(parent, target)
             if isinstance(base, LoRALinear):
                 raise ValueError(f"{name} already has LoRA; call remove_lora first")

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edge_runtime.adapter import Adapter, LoRAWeights, layer_index
+from edge_runtime.config import lora_module_name
 from edge_runtime.errors import AdapterMismatchError
 from edge_runtime.lora import LoRALinear, lora_modules, lora_scale
 from edge_runtime.model import CausalLM
@@ -197,8 +198,7 @@ def choose_slots(model: CausalLM, adapter: Adapter | None, targets: Iterable[str
         names = set()
         for i in range(first, n_layers):
             for t in targets:
-                sub = "self_attn" if t in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
-                names.add(f"model.layers.{i}.{sub}.{t}")
+                names.add(lora_module_name(i, t))
     ordered = sorted(names, key=lambda n: (layer_index(n), n))
     return {n: _linear_shape(model, n) for n in ordered}
 

@@ -41,7 +41,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from edge_runtime.config import LoRAPlan
+from edge_runtime.config import LoRAPlan, lora_module_name
 from edge_runtime.model import ModelConfig
 from edge_runtime.profiler.fit import LinearFit
 
@@ -66,7 +66,6 @@ ACTIVATION_GROWTH = 1.1
 # fp32 parameter + gradient + AdamW exp_avg + exp_avg_sq
 BYTES_PER_LORA_PARAM = 16
 
-_ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 @dataclass(frozen=True)
@@ -152,9 +151,8 @@ def _layer_rank_widths(shape: ModelShape, plan: LoRAPlan) -> dict[int, int]:
     for i in plan.layers(shape.n_layers):
         width = 0
         for t in plan.targets:
-            parent = "self_attn" if t in _ATTN else "mlp"
             d_in, d_out = shape.target_dims(t)
-            width += plan.rank_for(i, f"model.layers.{i}.{parent}.{t}") * (d_in + d_out)
+            width += plan.rank_for(i, lora_module_name(i, t)) * (d_in + d_out)
         out[i] = width
     return out
 

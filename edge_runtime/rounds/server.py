@@ -342,16 +342,18 @@ class AggregatorService:
         plans = {d: self._plan(d) for d in devices}
         return {d: p.to_json() for d, p in plans.items() if p is not None}
 
-    def _select(self, exclude: set[str]) -> list[str]:
-        """Online devices the planner gives a plan, then the fraction / max_clients draw."""
-        pool = sorted(d for d in self.online if d in self.st.devices and d not in exclude
-                      and self._plan(d) is not None)
+    def _select(self, exclude: set[str]) -> dict[str, dict[str, Any]]:
+        """Plans of the selected devices: the online ones the planner gives a plan (each
+        planned once), then the fraction / max_clients draw."""
+        plans = self._plans_for(sorted(d for d in self.online
+                                       if d in self.st.devices and d not in exclude))
+        pool = sorted(plans)
         k = max(1, math.ceil(self.cfg.fraction * len(pool))) if pool else 0
         if self.cfg.max_clients:
             k = min(k, self.cfg.max_clients)
         if k < len(pool):
             pool = sorted(random.Random(self.seed * 1000003 + self.round).sample(pool, k))
-        return pool
+        return {d: plans[d] for d in pool}
 
     def plan_round(self) -> RoundOpen:
         """Open the next round: select online devices, give each a plan and a download."""
@@ -360,7 +362,7 @@ class AggregatorService:
         if self.st.open is not None:
             return self.current()
         now = self.clock()
-        plans = self._plans_for(self._select(set()))
+        plans = self._select(set())
         self.st.open = OpenRound(now, now + self.cfg.round_timeout_s, plans)
         self._acc = self.strategy.accumulator(self.global_adapter, self.round)
         self._accepted = {}
@@ -497,7 +499,7 @@ class AggregatorService:
         if len(self._accepted) < self.cfg.min_clients and op.extensions < MAX_EXTENSIONS:
             op.extensions += 1
             op.deadline_unix = self.clock() + self.cfg.round_timeout_s
-            op.plans.update(self._plans_for(self._select(set(op.plans))))  # late joiners
+            op.plans.update(self._select(set(op.plans)))  # late joiners get a plan
             self._save_state()
             log.warning("round %d: %d/%d updates at the deadline; extending (%d/%d)",
                         self.round, len(self._accepted), self.cfg.min_clients, op.extensions,
