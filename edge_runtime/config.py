@@ -365,8 +365,36 @@ class LegendConfig:
             raise ConfigError(f"legend min_depth must be positive, got {self.min_depth}")
 
 
+@dataclass
+class FLoRAConfig:
+    """FLoRA (Wang et al., NeurIPS 2024, arXiv 2409.05976): stacking, exact aggregation.
+
+    The server stacks the round's weighted client factors onto the global adapter (its
+    rank grows each round) and every device trains a fresh LoRA of its own rank on top of
+    the frozen stack (the paper merges the stack into the base weights; a frozen low-rank
+    term is the same function and keeps a quantized base as it is).
+
+    Attributes:
+        rel_tol: after each merge the stack is re-factored by an exact SVD of its factors
+            and components whose singular value is below rel_tol x the largest are
+            dropped (0 keeps all; the rank never exceeds min(d_out, d_in), where a stack
+            is full rank and re-factoring it loses nothing).
+        max_rank: 0: no cap (exact); > 0: keep only the top max_rank components of each
+            module's stack (bounded download, no longer exact).
+    """
+
+    rel_tol: float = 1e-7
+    max_rank: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.rel_tol < 1:
+            raise ConfigError(f"flora rel_tol must be in [0, 1), got {self.rel_tol}")
+        if self.max_rank < 0:
+            raise ConfigError(f"flora max_rank must be >= 0 (0: no cap), got {self.max_rank}")
+
+
 __all__ += ["HetLoRAConfig", "Weighting", "FlexLoRAConfig", "FlexMode", "SAFedLoRAConfig",
-            "LegendConfig"]
+            "LegendConfig", "FLoRAConfig"]
 
 
 @dataclass
@@ -629,6 +657,7 @@ class StrategyName(str, enum.Enum):
     FLEXLORA = "flexlora"
     SA_FEDLORA = "sa-fedlora"
     LEGEND = "legend"
+    FLORA = "flora"
 
 
 @dataclass
@@ -645,7 +674,8 @@ class FedAvgConfig:
     drop_weak: bool = False
 
 
-StrategySettings = FedAvgConfig | HetLoRAConfig | FlexLoRAConfig | SAFedLoRAConfig | LegendConfig
+StrategySettings = (FedAvgConfig | HetLoRAConfig | FlexLoRAConfig | SAFedLoRAConfig
+                    | LegendConfig | FLoRAConfig)
 
 STRATEGY_SETTINGS: dict[StrategyName, type] = {
     StrategyName.FEDAVG: FedAvgConfig,
@@ -653,6 +683,7 @@ STRATEGY_SETTINGS: dict[StrategyName, type] = {
     StrategyName.FLEXLORA: FlexLoRAConfig,
     StrategyName.SA_FEDLORA: SAFedLoRAConfig,
     StrategyName.LEGEND: LegendConfig,
+    StrategyName.FLORA: FLoRAConfig,
 }
 
 

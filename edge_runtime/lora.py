@@ -29,6 +29,8 @@ __all__ = [
     "set_adapter",
     "remove_lora",
     "lora_scale",
+    "FrozenDelta",
+    "add_frozen_delta",
 ]
 
 
@@ -96,6 +98,58 @@ class LoRALinear(nn.Module):
         return f"d_in={self.d_in}, d_out={self.d_out}, rank={self.rank}, alpha={self.alpha}"
 
 
+class FrozenDelta(nn.Module):
+    """A base linear plus a fixed low-rank term: y = base(x) + (x A^T) (s B)^T.
+
+    What a merged adapter is to a frozen (possibly quantized) base without touching its
+    weights: FLoRA's stacked global, which the paper merges into W, is applied this way
+    under the device's fresh trainable LoRA (`LoRALinear` wraps a `FrozenDelta`).
+    """
+
+    delta_a: torch.Tensor  # (R, d_in)
+    delta_sb: torch.Tensor  # (d_out, R): s B
+
+    def __init__(self, base: nn.Module, w: LoRAWeights) -> None:
+        super().__init__()
+        d_in, d_out = _in_out(base)
+        if (w.d_in, w.d_out) != (d_in, d_out):
+            raise AdapterMismatchError(f"frozen factors B{tuple(w.lora_b.shape)} "
+                                       f"A{tuple(w.lora_a.shape)} do not fit a {d_out}x{d_in} "
+                                       "layer; the adapter is for another base model")
+        self.base = base
+        self.in_features = d_in
+        self.out_features = d_out
+        dev = next((t.device for t in [*base.parameters(), *base.buffers()]),
+                   torch.device("cpu"))
+        self.register_buffer("delta_a", w.lora_a.detach().to(dev, torch.float32).clone())
+        self.register_buffer("delta_sb", (w.lora_b.detach().double() * w.scale)
+                             .to(dev, torch.float32).contiguous())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + (x @ self.delta_a.t()) @ self.delta_sb.t()
+
+    def extra_repr(self) -> str:
+        return f"d_in={self.in_features}, d_out={self.out_features}, rank={self.delta_a.shape[0]}"
+
+
+def add_frozen_delta(model: CausalLM, adapter: Adapter) -> None:
+    """Wrap each named linear in a `FrozenDelta` of its factors (call before LoRA is set;
+    `remove_lora` unwraps them)."""
+    if lora_modules(model):
+        raise ValueError("add_frozen_delta goes under LoRA: call remove_lora first")
+    for name, w in adapter.items():
+        try:
+            base = model.get_submodule(name)
+        except AttributeError:
+            raise AdapterMismatchError(f"adapter names module {name!r}, which this base model "
+                                       "does not have; the adapter is for another base model"
+                                       ) from None
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), attr, FrozenDelta(base, w))
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
 def _in_out(base: nn.Module) -> tuple[int, int]:
     d_in = base.in_features
     d_out = base.out_features
@@ -137,10 +191,11 @@ def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
 
 
 def remove_lora(model: CausalLM) -> None:
-    """Unwrap every LoRALinear back to its base module."""
-    for name, mod in lora_modules(model).items():
-        parent_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), attr, mod.base)
+    """Unwrap every LoRALinear (and any `FrozenDelta` under it) back to the base module."""
+    for kind in (LoRALinear, FrozenDelta):
+        for name, mod in [(n, m) for n, m in model.named_modules() if isinstance(m, kind)]:
+            parent_name, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), attr, mod.base)
     model.frozen_prefix = 0
 
 

@@ -9,10 +9,13 @@ from edge_runtime.adapter import LoRAWeights
 from edge_runtime.config import LoRAPlan
 from edge_runtime.errors import AdapterMismatchError, ConfigError
 from edge_runtime.lora import (
+    FrozenDelta,
     LoRALinear,
+    add_frozen_delta,
     apply_lora,
     get_adapter,
     lora_modules,
+    remove_lora,
     seeded_lora_a,
     set_adapter,
 )
@@ -112,3 +115,30 @@ def test_adapter_round_trip_and_strictness():
     bad = {"model.layers.3.self_attn.q_proj": LoRAWeights(torch.zeros(4, 99), torch.zeros(32, 4), 8.0)}
     with pytest.raises(AdapterMismatchError, match="another base"):
         set_adapter(CausalLM(cfg4()), bad)
+
+
+def test_fresh_lora_over_a_frozen_delta_equals_the_merged_dense_weight():
+    torch.manual_seed(3)
+    model = CausalLM(cfg4()).eval()
+    ids = torch.randint(0, 64, (2, 9))
+    with torch.no_grad():
+        before = model(ids)
+    name = "model.layers.2.self_attn.q_proj"
+    frozen = {name: LoRAWeights(torch.randn(5, 32), torch.randn(32, 5) * 0.1, 16.0)}
+    merged = copy.deepcopy(model)
+    with torch.no_grad():  # the reference: merge into W as the FLoRA paper does
+        merged.get_submodule(name).weight += frozen[name].delta().float()
+    add_frozen_delta(model, frozen)
+    assert isinstance(model.get_submodule(name), FrozenDelta)
+    fresh = {name: LoRAWeights(torch.randn(2, 32), torch.randn(32, 2) * 0.1, 16.0)}
+    set_adapter(model, fresh)
+    set_adapter(merged, fresh)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), merged(ids), rtol=1e-4, atol=1e-4)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert sorted(trainable) == [f"{name}.lora_a", f"{name}.lora_b"]  # the delta is frozen
+    assert set(get_adapter(model)) == {name}
+    remove_lora(model)
+    assert not any(isinstance(m, (FrozenDelta, LoRALinear)) for m in model.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), before)

@@ -49,7 +49,7 @@ def test_every_strategy_runs_on_tiny(strategy, data_dir):
     assert m["rounds"][2]["time_s"] > m["rounds"][1]["time_s"]
     assert m["rounds"][-1]["eval_loss"] != m["rounds"][0]["eval_loss"]  # it trained
     plans = m["fleet"]["plans"]
-    if strategy in ("hetlora", "flexlora"):  # ranks follow the device class
+    if strategy in ("hetlora", "flexlora", "flora"):  # ranks follow the device class
         assert len({p["rank_sum"] for p in plans.values()}) == 3
     if strategy in ("fedavg", "sa-fedlora"):  # homogeneous
         assert len({p["rank_sum"] for p in plans.values()}) == 1
@@ -122,6 +122,14 @@ def test_diagnostics_are_logged_each_round(data_dir):
     for r in m["rounds"][1:]:
         d = r["diagnostics"]
         assert 0.0 <= d["agg_error"] and 0.0 < d["top_rmin_energy"] <= 1.0
+
+
+def test_flora_stack_is_exact_and_grows(data_dir):
+    m = run_simulation(small("flora", data_dir, fleet={"diagnostics_rank": 2, "rounds": 3}))
+    for r in m["rounds"][1:]:
+        assert r["diagnostics"]["agg_error"] < 1e-5  # stacking is exact (float32 factors)
+    downs = [r["bytes_down"] for r in m["rounds"][1:]]
+    assert downs[0] < downs[1] < downs[2]  # each round's stack is larger: FLoRA's cost
 
 
 def test_per_client_metrics_score_the_final_global_on_each_devices_rows(data_dir):

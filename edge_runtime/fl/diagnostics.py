@@ -23,9 +23,14 @@ from edge_runtime.fl.types import ClientUpdate
 __all__ = ["aggregation_diagnostics"]
 
 
-def aggregation_diagnostics(new_global: Adapter, updates: list[ClientUpdate], r_min: int
-                            ) -> dict[str, float]:
-    """{"agg_error", "top_rmin_energy"} of one round (module docstring)."""
+def aggregation_diagnostics(new_global: Adapter, updates: list[ClientUpdate], r_min: int,
+                            prior: Adapter | None = None) -> dict[str, float]:
+    """{"agg_error", "top_rmin_energy"} of one round (module docstring).
+
+    `prior`: for a strategy whose clients upload only what they added (FLoRA's fresh
+    adapters), the old global the exact aggregate adds their average to; the energy share
+    is of the round's average update itself.
+    """
     err2 = ref2 = top = total = 0.0
     for name, g_new in new_global.items():
         sent = [u for u in updates if name in u.adapter]
@@ -34,8 +39,9 @@ def aggregation_diagnostics(new_global: Adapter, updates: list[ClientUpdate], r_
         n = float(sum(u.num_samples for u in sent))
         exact = sum((u.num_samples / n) * u.adapter[name].delta() for u in sent)
         assert isinstance(exact, torch.Tensor)
-        err2 += float(((g_new.delta() - exact) ** 2).sum())
-        ref2 += float((exact ** 2).sum())
+        target = exact + prior[name].delta() if prior is not None else exact
+        err2 += float(((g_new.delta() - target) ** 2).sum())
+        ref2 += float((target ** 2).sum())
         s2 = torch.linalg.svdvals(exact) ** 2
         top += float(s2[:r_min].sum())
         total += float(s2.sum())

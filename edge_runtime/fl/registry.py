@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from edge_runtime.config import (
     FlexLoRAConfig,
+    FLoRAConfig,
     HetLoRAConfig,
     LegendConfig,
     SAFedLoRAConfig,
@@ -12,6 +13,7 @@ from edge_runtime.config import (
 )
 from edge_runtime.fl.fedavg import FedAvg
 from edge_runtime.fl.flexlora import FlexLoRA
+from edge_runtime.fl.flora import FLoRA
 from edge_runtime.fl.hetlora import HetLoRA
 from edge_runtime.fl.legend import Legend
 from edge_runtime.fl.sa_fedlora import SAFedLoRA
@@ -36,5 +38,8 @@ def make_strategy(cfg: StrategyConfig) -> StrategyBase:
     if cfg.name is StrategyName.SA_FEDLORA:
         assert isinstance(s, SAFedLoRAConfig)
         return SAFedLoRA(s)
+    if cfg.name is StrategyName.FLORA:
+        assert isinstance(s, FLoRAConfig)
+        return FLoRA(s)
     assert isinstance(s, LegendConfig)
     return Legend(s)

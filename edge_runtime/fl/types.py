@@ -161,6 +161,24 @@ class StrategyBase(abc.ABC):
     def finish_local(self, start: Adapter, trained: Adapter, plan: ClientPlan) -> Adapter:
         return trained
 
+    #: planned ranks never exceed the global adapter's (False: FLoRA, whose global is a
+    #: stack and whose devices train fresh adapters of their own rank)
+    ranks_capped_by_global: bool = True
+
+    def local_start(self, received: Adapter, plan: ClientPlan, seed: int
+                    ) -> tuple[Adapter | None, Adapter]:
+        """Client side: (frozen part applied under LoRA or None, the adapter to train).
+
+        Default: nothing frozen, train what was distributed. `seed` is the device's seed
+        for this round (for a strategy that draws a fresh adapter).
+        """
+        return None, received
+
+    def exact_prior(self, global_adapter: Adapter) -> Adapter | None:
+        """What the exact aggregate adds the clients' average to (diagnostics): None when
+        each client's product already holds its start; FLoRA's is the old stack."""
+        return None
+
     @abc.abstractmethod
     def accumulator(self, global_adapter: Adapter, round_index: int = 0) -> Accumulator:
         """A running aggregate for one round, fed update by update."""

@@ -21,7 +21,7 @@ from edge_runtime.data import Example, TokenizerLike
 from edge_runtime.fl.registry import make_strategy
 from edge_runtime.fl.types import ClientPlan
 from edge_runtime.fleet.codec import encode_adapter
-from edge_runtime.lora import get_adapter, remove_lora, set_adapter
+from edge_runtime.lora import add_frozen_delta, get_adapter, remove_lora, set_adapter
 from edge_runtime.model import CausalLM
 from edge_runtime.trainer import train
 
@@ -74,9 +74,13 @@ def run_local_round(model: CausalLM, tokenizer: TokenizerLike, examples: list[Ex
             deadline less an upload margin); None trains all the recipe's steps.
     """
     strategy = make_strategy(task.strategy)
+    seed = device_seed(task.recipe.seed, task.round_index, device_id)
+    frozen, start = strategy.local_start(start, task.plan, seed)
     remove_lora(model)
+    if frozen is not None:
+        add_frozen_delta(model, frozen)
     set_adapter(model, start, create=True)
-    recipe = replace(task.recipe, seed=device_seed(task.recipe.seed, task.round_index, device_id))
+    recipe = replace(task.recipe, seed=seed)
     reg = strategy.regularizer(start, task.plan, task.round_index)
     res = train(model, tokenizer, examples, recipe, regularizer=reg, deadline=deadline)
     update = strategy.finish_local(start, get_adapter(model), task.plan)

@@ -334,7 +334,9 @@ class AggregatorService:
             return None
         # never above what the global adapter holds now (SA-FedLoRA shrinks it), nor above
         # the ranks a HetLoRA device pruned itself to (its pruned rank sticks, sec. 3.2)
-        ranks = {n: min(r, self.global_adapter[n].rank, info.rank_caps.get(n, r))
+        cap_global = self.strategy.ranks_capped_by_global
+        ranks = {n: min(r, self.global_adapter[n].rank if cap_global else r,
+                        info.rank_caps.get(n, r))
                  for n, r in plan.ranks.items()}
         return ClientPlan(dev, ranks, plan.alpha, plan.device_class)
 
@@ -551,7 +553,8 @@ class AggregatorService:
             updates.append(ClientUpdate(f.stem, adapter, int(meta["n_samples"])))
         if not updates:
             return None
-        d = aggregation_diagnostics(new_global, updates, self.cfg.diagnostics_rank)
+        d = aggregation_diagnostics(new_global, updates, self.cfg.diagnostics_rank,
+                                    prior=self.strategy.exact_prior(self.global_adapter))
         return {k: round(v, 6) for k, v in d.items()}
 
     def plans(self) -> dict[str, dict[str, Any]]:
