@@ -7,6 +7,8 @@ A comparison file (TOML) has three parts:
     [compare]
     seeds = [0, 1, 2]            final runs, one per seed (at least 1; report >= 3)
     lrs = [3e-4, 1e-3, 3e-3]     candidate learning rates, chosen per method on the
+                                 validation split with the first seed (one value: fixed,
+                                 no validation runs; none: the base's train.lr)
                                  validation split with the first seed
     validation_fraction = 0.2    of each device's training rows, held out for that
     [methods.NAME]               one method: sections merged over [base]
@@ -105,7 +107,7 @@ def load_compare(path: str | Path, overrides: list[tuple[str, Any]] | None = Non
     for name in methods:
         _check_data(_run_config(spec, name, seeds[0], None, validation=False), name)
     for name in methods:  # resolve everything before anything trains
-        for lr in ([*spec.lrs] if spec.lrs else [None]):
+        for lr in ([*spec.lrs] if len(spec.lrs) > 1 else [None]):
             _run_config(spec, name, seeds[0], lr, validation=True)
         _run_config(spec, name, seeds[0], None, validation=False)
     return spec
@@ -199,7 +201,9 @@ def run_compare(spec: CompareSpec, out: Path,
     curves: dict[str, list[list[dict[str, Any]]]] = {}
     for method in spec.methods:
         chosen, picks = None, {}
-        if spec.lrs:  # chosen on the validation split, first seed, final round
+        if len(spec.lrs) == 1:  # fixed: nothing to choose
+            chosen = spec.lrs[0]
+        elif spec.lrs:  # chosen on the validation split, first seed, final round
             for lr in spec.lrs:
                 m = _cached(out, _run_config(spec, method, spec.seeds[0], lr, validation=True),
                             version, sim)
@@ -271,8 +275,10 @@ def _fmt(s: dict[str, Any], digits: int = 4) -> str:
 
 def render_markdown(report: dict[str, Any]) -> str:
     seeds = report["seeds"]
+    how = ("chosen per method on the validation split (first seed, final round)"
+           if len(report["lrs"]) > 1 else "fixed (not chosen here)")
     lines = [f"Final round, mean ± sample std over {len(seeds)} seeds ({seeds}); learning "
-             "rate chosen per method on the validation split (first seed, final round).", "",
+             f"rate {how}.", "",
              "| method | lr | held-out loss | accuracy | MB up | MB down | sim. time (s) |",
              "|---|---|---|---|---|---|---|"]
     for name, m in report["methods"].items():

@@ -814,6 +814,8 @@ class DataSpec:
         eval_split: which rows a simulation scores each round: test or validation.
         per_client: after the last round, also score the final global adapter on each
             device's own held-out rows (metrics `per_client`).
+        client_rows: each device trains on at most this many of its rows (the first
+            ones after the validation hold-out; the pulled splits are shuffled); 0: all.
     """
 
     path: str | None = None
@@ -824,9 +826,13 @@ class DataSpec:
     validation_fraction: float = 0.0
     eval_split: EvalSplit = EvalSplit.TEST
     per_client: bool = False
+    client_rows: int = 0
 
     def __post_init__(self) -> None:
         self.eval_split = _enum(EvalSplit, self.eval_split, "data.eval_split")
+        if self.client_rows < 0:
+            raise ConfigError(f"data.client_rows must be >= 0 (0: all rows), got "
+                              f"{self.client_rows}")
         if not 0.0 <= self.validation_fraction < 1.0:
             raise ConfigError(f"data.validation_fraction must be in [0, 1), got "
                               f"{self.validation_fraction}")

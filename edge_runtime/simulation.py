@@ -149,6 +149,8 @@ def run_simulation(run: RunConfig) -> dict[str, Any]:
                                    partition=run.data.partition,
                                    alpha=run.data.dirichlet_alpha, seed=run.seed)
     train, validation = split_validation(train, run.data.validation_fraction)
+    if run.data.client_rows:
+        train = [rows[: run.data.client_rows] for rows in train]
     if run.data.eval_split is EvalSplit.VALIDATION:
         test = validation
     loaded = load_model(run.model.name, run.model.quant)

@@ -110,3 +110,20 @@ def test_bad_comparisons_are_refused_before_training(data_dir: Path, tmp_path: P
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and key in err[0]
     assert not (tmp_path / "o" / "runs").exists()
+
+
+def test_one_learning_rate_is_fixed_without_validation_runs(data_dir: Path,
+                                                            tmp_path: Path) -> None:
+    cfg = tmp_path / "cmp.toml"
+    cfg.write_text(SPEC.format(data=data_dir).replace("lrs = [1e-3, 1e-2]", "lrs = [2e-3]"))
+    calls: list[dict] = []
+
+    def counting(run):  # type: ignore[no-untyped-def]
+        calls.append(run.to_json())
+        return run_simulation(run)
+
+    report = run_compare(load_compare(cfg), tmp_path / "out", counting)
+    assert len(calls) == 2 * 2  # per method: the 2 seeds only
+    assert all(r["data"]["eval_split"] == "test" and r["train"]["lr"] == 2e-3 for r in calls)
+    assert all(m["lr"] == 2e-3 and m["validation_loss_by_lr"] == {}
+               for m in report["methods"].values())

@@ -124,6 +124,14 @@ def test_diagnostics_are_logged_each_round(data_dir):
         assert 0.0 <= d["agg_error"] and 0.0 < d["top_rmin_energy"] <= 1.0
 
 
+def test_client_rows_caps_each_devices_training_rows(data_dir):
+    full = run_simulation(small("fedavg", data_dir, fleet={"rounds": 1}))
+    capped = run_simulation(small("fedavg", data_dir, fleet={"rounds": 1},
+                                  data={"client_rows": 3}))
+    assert all(p["n_samples"] > 3 for p in full["fleet"]["plans"].values())
+    assert all(p["n_samples"] == 3 for p in capped["fleet"]["plans"].values())
+
+
 def test_flora_stack_is_exact_and_grows(data_dir):
     m = run_simulation(small("flora", data_dir, fleet={"diagnostics_rank": 2, "rounds": 3}))
     for r in m["rounds"][1:]:

@@ -558,15 +558,17 @@ class AggregatorService:
         return {k: round(v, 6) for k, v in d.items()}
 
     def plans(self) -> dict[str, dict[str, Any]]:
-        """{device: {class, modules, depth, rank_sum, max_rank}} of each device's plan now."""
+        """{device: {class, n_samples, modules, depth, rank_sum, max_rank}} of each device's
+        plan now."""
         out = {}
         for dev in sorted(self.st.devices):
             p = self._plan(dev)
+            info = {"class": self.st.devices[dev].device_class,
+                    "n_samples": self.st.devices[dev].n_samples}
             if p is None:
-                out[dev] = {"class": self.st.devices[dev].device_class, "modules": 0,
-                            "depth": 0, "rank_sum": 0, "max_rank": 0}
+                out[dev] = {**info, "modules": 0, "depth": 0, "rank_sum": 0, "max_rank": 0}
                 continue
-            out[dev] = {"class": p.device_class, "modules": len(p.ranks),
+            out[dev] = {**info, "modules": len(p.ranks),
                         "depth": len({n.split(".")[2] for n in p.ranks}),
                         "rank_sum": sum(p.ranks.values()),
                         "max_rank": max(p.ranks.values(), default=0)}
