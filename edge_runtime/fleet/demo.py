@@ -2,13 +2,20 @@
 
 `run_demo` gives each device its own split of real data (default: the sentiment
 domains, imdb, yelp and amazon reviews, one domain per device; `data.path` names another
-dataset or a folder from `edge-rt data pull`), starts the embedded broker (unless a
-broker URL is given), runs the aggregator in this process and N `edge-rt agent`
+dataset or a folder from `edge-rt data pull`), starts a broker (below), runs the
+aggregator in this process and N `edge-rt agent`
 subprocesses, prints one progress line per round and the base and final global model's
 held-out loss and accuracy on stderr, and writes:
 
+The broker: `--broker URL` if given; else Mosquitto when it is installed, started as a
+child with the production setup (`fleet/mosquitto.py`: a password per device and for the
+aggregator, the per-device ACL, loopback, a free port); else the embedded broker. The
+demo says which.
+
     OUT/metrics.json    the one metrics schema (README, "Metrics"); `fleet.wire` has the
-                        MQTT packet bytes the embedded broker counted per round
+                        MQTT bytes (topic + payload) the aggregator's client received from
+                        devices and published, per round (counted on the client: the same
+                        whatever the broker)
     OUT/adapter/        the final global adapter (PEFT folder)
     OUT/logs/*.log      each agent's log;  OUT/state/  the aggregator's state;
     OUT/data/           each device's training rows
@@ -34,6 +41,7 @@ from edge_runtime.data import Example, example_to_json
 from edge_runtime.errors import UserError
 from edge_runtime.fleet.agent import save_final
 from edge_runtime.fleet.broker import EmbeddedBroker
+from edge_runtime.fleet.mosquitto import AGGREGATOR_USER, LocalMosquitto, find_mosquitto
 from edge_runtime.fleet.server import AggregatorNode
 from edge_runtime.rounds.build import build_service, make_evaluator
 from edge_runtime.rounds.server import RoundRecord
@@ -77,29 +85,47 @@ def _say(msg: str) -> None:
     print(f"[demo] {msg}", file=sys.stderr, flush=True)
 
 
-def _classify(topic: str) -> str:
-    parts = topic.split("/")
-    return "up" if len(parts) > 3 and parts[2] == "dev" else "down"
-
-
 def run_demo(run: RunConfig, out: Path, broker_url: str | None = None,
              join_timeout_s: float = 180.0) -> dict[str, Any]:
     """Run the whole demo (`run.sim.clients` agent processes); returns OUT/metrics.json."""
-    n_clients = run.sim.clients
     out = Path(out)
     if (out / "state" / "state.json").exists():
         raise UserError(f"{out} holds a previous demo run; pass another --out or delete it")
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.monotonic()
     files, eval_rows = demo_data(run, out / "data")
-    broker = None
-    if broker_url is None:
-        broker = EmbeddedBroker(classify=_classify).start()
-        url = f"mqtt://127.0.0.1:{broker.port}"
-        _say(f"embedded MQTT broker on {url}")
-    else:
+    device_ids = [f"dev{k}" for k in range(len(files))]
+    broker: EmbeddedBroker | LocalMosquitto | None = None
+    passwords: dict[str, str] = {}
+    if broker_url is not None:
         url = broker_url
+        _say(f"MQTT broker {url} (given)")
+    elif find_mosquitto() is not None:
+        mosq = LocalMosquitto(device_ids, prefix=run.mqtt.prefix)
+        broker = mosq.start()
+        url, passwords = mosq.url, mosq.passwords
+        _say(f"{mosq.version()} on {url}: a password per device and the per-device ACL "
+             "(deploy/mosquitto/aclfile)")
+    else:
+        broker = EmbeddedBroker().start()
+        url = f"mqtt://127.0.0.1:{broker.port}"
+        _say(f"embedded MQTT broker on {url} (mosquitto is not installed: apt-get install "
+             "mosquitto; no passwords, no ACL)")
+    try:
+        return _run_fleet(run, out, url, passwords, device_ids, files, eval_rows,
+                          join_timeout_s, t_start)
+    finally:
+        if broker is not None:
+            broker.stop()
+
+
+def _run_fleet(run: RunConfig, out: Path, url: str, passwords: dict[str, str],
+               device_ids: list[str], files: list[Path], eval_rows: list[Example],
+               join_timeout_s: float, t_start: float) -> dict[str, Any]:
+    n_clients = run.sim.clients
     mq = replace(run.mqtt, url=url)
+    if passwords:
+        mq = replace(mq, username=AGGREGATOR_USER, password=passwords[AGGREGATOR_USER])
     loaded = load_model(run.model.name, run.model.quant)
     evaluator = make_evaluator(loaded, eval_rows, run.train.seq_len)
     svc = build_service(loaded, run, out / "state", evaluator=evaluator)
@@ -109,16 +135,13 @@ def run_demo(run: RunConfig, out: Path, broker_url: str | None = None,
          f"{base_loss:.4f}{_acc(base.eval_accuracy)} on {len(eval_rows)} rows; strategy "
          f"{run.strategy.name.value}, {n_clients} clients, {run.fleet.rounds} rounds")
 
-    wire: list[tuple[int, int]] = []  # broker counters at each round close
+    wire: list[tuple[int, int]] = []  # the aggregator client's byte counters per round
     last = [(0, 0)]
 
     def on_round(rec: RoundRecord) -> None:
-        if broker is not None:
-            snap = broker.traffic_snapshot()
-            up_in = snap.get("up", (0, 0))[0]
-            down_out = snap.get("down", (0, 0))[1]
-            wire.append((up_in - last[0][0], down_out - last[0][1]))
-            last[0] = (up_in, down_out)
+        up_in, down_out = node.link.bytes_received, node.link.bytes_sent
+        wire.append((up_in - last[0][0], down_out - last[0][1]))
+        last[0] = (up_in, down_out)
         _say(f"round {rec.round}/{run.fleet.rounds}: {rec.participants}/{n_clients} updates "
              f"merged, eval_loss {rec.eval_loss:.4f}{_acc(rec.eval_accuracy)} (base "
              f"{base_loss:.4f}), up "
@@ -135,18 +158,25 @@ def run_demo(run: RunConfig, out: Path, broker_url: str | None = None,
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     try:
         for k, data in enumerate(files):
+            dev = device_ids[k]
             cls = DEVICE_CLASSES[k % len(DEVICE_CLASSES)]
             cmd = [sys.executable, "-m", "edge_runtime", "agent", "--broker", url,
-                   "--device-id", f"dev{k}", "--device-class", cls, "--data", str(data),
+                   "--device-id", dev, "--device-class", cls, "--data", str(data),
                    "--model", run.model.name, "--quant", run.model.quant.value,
                    "--state", str(out / "agents" / f"dev{k}"),
                    "--compression", run.fleet.compression.value, "--fleet", mq.fleet,
                    "--prefix", mq.prefix]
-            if mq.username:
-                cmd += ["--username", mq.username, "--password", mq.password or ""]
-            with open(logs / f"dev{k}.log", "wb") as lf:
-                procs.append(subprocess.Popen(cmd, stdout=lf, stderr=subprocess.STDOUT, env=env))
-            _say(f"started agent dev{k} ({cls}), log {logs / f'dev{k}.log'}")
+            agent_env = env
+            if passwords:  # its own user; the password in the environment, not in argv
+                cmd += ["--username", dev]
+                agent_env = {**env, "EDGE_RT_MQTT_PASSWORD": passwords[dev]}
+            elif mq.username:
+                cmd += ["--username", mq.username]
+                agent_env = {**env, "EDGE_RT_MQTT_PASSWORD": mq.password or ""}
+            with open(logs / f"{dev}.log", "wb") as lf:
+                procs.append(subprocess.Popen(cmd, stdout=lf, stderr=subprocess.STDOUT,
+                                              env=agent_env))
+            _say(f"started agent {dev} ({cls}), log {logs / f'{dev}.log'}")
         result: list[BaseException] = []
 
         def _serve() -> None:
@@ -186,21 +216,19 @@ def run_demo(run: RunConfig, out: Path, broker_url: str | None = None,
             except subprocess.TimeoutExpired:
                 p.kill()
     finally:
+        final_down[0] = node.link.bytes_sent
         for p in procs:
             if p.poll() is None:
                 p.kill()
                 p.wait(5)
-        if broker is not None:
-            final_down[0] = broker.traffic_snapshot().get("down", (0, 0))[1]
-            broker.stop()
 
     config = run.to_json()
     config["strategy"] = svc.strategy_cfg.to_json()
     metrics = svc.metrics_json(config)
-    if broker is not None:  # MQTT packets the embedded broker counted (topics, acks, ...)
-        metrics["fleet"]["wire"] = [{"round": i + 1, "up": up, "down": down}
-                                    for i, (up, down) in enumerate(wire)]
-        metrics["fleet"]["final_download_wire"] = final_down[0] - last[0][1]
+    # MQTT bytes (topic + payload) the aggregator's client received and published
+    metrics["fleet"]["wire"] = [{"round": i + 1, "up": up, "down": down}
+                                for i, (up, down) in enumerate(wire)]
+    metrics["fleet"]["final_download_wire"] = final_down[0] - last[0][1]
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     save_final(out / "adapter", svc.global_adapter, loaded.fingerprint, loaded.name)
     codes = [p.returncode for p in procs]

@@ -69,6 +69,10 @@ class MqttLink:
         self._answered = threading.Event()
         self._client: mqtt.Client | None = None
         self.connects = 0
+        # application bytes (topic + payload) this client sent and received: traffic
+        # counted on the client side, the same whatever the broker
+        self.bytes_sent = 0
+        self.bytes_received = 0
 
     # connection ----------------------------------------------------------------
     def _make_client(self, protocol: MQTTProtocolVersion) -> mqtt.Client:
@@ -187,6 +191,7 @@ class MqttLink:
 
     def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
         item = InboundMessage(msg.topic, bytes(msg.payload), bool(msg.retain))
+        self.bytes_received += len(item.topic.encode()) + len(item.payload)
         try:
             self.inbox.put(item, timeout=1.0)
         except queue.Full:
@@ -217,6 +222,7 @@ class MqttLink:
     def publish(self, topic: str, payload: bytes, *, qos: int = 1,
                 retain: bool = False) -> mqtt.MQTTMessageInfo:
         assert self._client is not None, "connect() first"
+        self.bytes_sent += len(topic.encode()) + len(payload)
         return self._client.publish(topic, payload, qos=qos, retain=retain)
 
     def publish_wait(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,

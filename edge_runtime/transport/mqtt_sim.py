@@ -12,6 +12,7 @@ import logging
 import tempfile
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -32,16 +33,30 @@ log = logging.getLogger(__name__)
 def run_mqtt(service: AggregatorService, devices: list[SimDevice], loaded: LoadedModel,
              scheduler: SimScheduler, run: RunConfig, lock: threading.RLock,
              timeout_s: float = 3600.0) -> list[RoundRecord]:
-    """Run every remaining round through the broker `run.sim.broker` (or an embedded one)."""
+    """Run every remaining round through the broker `run.sim.broker`; without one, a
+    Mosquitto started for the run (per-device passwords and ACL, `fleet/mosquitto.py`)
+    when installed, else the embedded broker."""
     from edge_runtime.fleet.broker import EmbeddedBroker
+    from edge_runtime.fleet.mosquitto import AGGREGATOR_USER, LocalMosquitto, find_mosquitto
 
-    broker = None
+    broker: EmbeddedBroker | LocalMosquitto | None = None
     url = run.sim.broker
-    if url is None:
-        broker = EmbeddedBroker().start()
-        url = f"mqtt://127.0.0.1:{broker.port}"
-    mqtt = MqttConfig(url=url, username=run.mqtt.username, password=run.mqtt.password,
-                      tls_ca=run.mqtt.tls_ca, prefix=run.mqtt.prefix, fleet=run.mqtt.fleet)
+    mqtt = MqttConfig(url=url or "mqtt://127.0.0.1:1883", username=run.mqtt.username,
+                      password=run.mqtt.password, tls_ca=run.mqtt.tls_ca,
+                      prefix=run.mqtt.prefix, fleet=run.mqtt.fleet)
+    creds: dict[str, tuple[str | None, str | None]] = {}
+    if url is None and find_mosquitto() is not None:
+        mosq = LocalMosquitto([d.device_id for d in devices], prefix=run.mqtt.prefix).start()
+        broker, url = mosq, mosq.url
+        creds = {u: (u, p) for u, p in mosq.passwords.items()}
+        mqtt = replace(mqtt, url=url, username=AGGREGATOR_USER,
+                       password=mosq.passwords[AGGREGATOR_USER])
+        log.info("simulated fleet on %s at %s", mosq.version(), url)
+    elif url is None:
+        emb = EmbeddedBroker().start()
+        broker, url = emb, f"mqtt://127.0.0.1:{emb.port}"
+        mqtt = replace(mqtt, url=url)
+        log.info("simulated fleet on the embedded broker at %s (mosquitto not installed)", url)
     records: list[RoundRecord] = []
     agents: list[DeviceAgent] = []
     threads: list[threading.Thread] = []
@@ -66,7 +81,9 @@ def run_mqtt(service: AggregatorService, devices: list[SimDevice], loaded: Loade
                                   device_class=d.device_class,
                                   compression=run.fleet.compression,
                                   chunk_size=run.fleet.chunk_size, connect_timeout_s=30.0)
-                agent = DeviceAgent(cfg, mqtt, loaded=loaded, examples=d.examples,
+                user, password = creds.get(d.device_id, (mqtt.username, mqtt.password))
+                agent = DeviceAgent(cfg, replace(mqtt, username=user, password=password),
+                                    loaded=loaded, examples=d.examples,
                                     gate=scheduler, train_lock=lock)
                 agents.append(agent)
 

@@ -34,6 +34,10 @@ def test_demo_runs_and_writes_metrics_and_adapter(tmp_path: Path) -> None:
              str(data), timeout=280)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "[demo] round 2/2" in r.stderr
+    from edge_runtime.fleet.mosquitto import find_mosquitto
+
+    if find_mosquitto() is not None:  # the broker a real fleet runs, under its ACL
+        assert "mosquitto version" in r.stderr and "embedded" not in r.stderr
     assert "base model -> final global model" in r.stderr
     m = json.loads((out / "metrics.json").read_text())
     assert m["strategy"] == "hetlora" and isinstance(m["config"], dict)
@@ -42,10 +46,10 @@ def test_demo_runs_and_writes_metrics_and_adapter(tmp_path: Path) -> None:
     for x, wire in zip(m["rounds"][1:], m["fleet"]["wire"], strict=True):
         assert set(x) == set(ROUND_KEYS)
         assert x["participants"] == 2
-        # two updates of a few kB each went up, two downloads came down; the broker's
-        # MQTT packets carry those payloads plus topics and acks
+        # two updates of a few kB each went up, two downloads came down; what the
+        # aggregator's client received carries those payloads plus manifests and topics
         assert x["bytes_up"] > 2 * 4000 and x["bytes_down"] > 2 * 4000
-        assert wire["up"] > x["bytes_up"] and wire["down"] > x["bytes_down"]
+        assert wire["up"] > x["bytes_up"] and wire["down"] > 4000
     assert m["rounds"][-1]["eval_loss"] < m["rounds"][0]["eval_loss"]
     # real two-choice rows: accuracy is measured on the held-out rows every round
     assert all(0.0 <= x["eval_accuracy"] <= 1.0 for x in m["rounds"])

@@ -75,3 +75,20 @@ def test_strategy_settings_reach_the_device(tmp_path: Path, mosquitto) -> None:
     assert task.strategy.to_json() == svc.strategy_cfg.to_json()
     assert (task.strategy.settings.gamma, task.strategy.settings.lam) == (0.75, 0.02)  # type: ignore[union-attr]
     assert task.recipe.steps == run.train.steps and task.recipe.lr == run.train.lr
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("broker", ["own-mosquitto", "embedded"])
+def test_mqtt_without_a_broker_url_starts_its_own(broker: str, data_dir: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """No --broker: a Mosquitto of our own (passwords, per-device ACL) when installed, the
+    embedded broker when not; the rounds are the in-process ones either way."""
+    if broker == "embedded":
+        monkeypatch.setenv("EDGE_RT_MOSQUITTO", "none")
+    else:
+        monkeypatch.delenv("EDGE_RT_MOSQUITTO", raising=False)
+    a = _run("flora", data_dir, "inproc")
+    b = _run("flora", data_dir, "mqtt")
+    for ra, rb in zip(a["rounds"], b["rounds"], strict=True):
+        assert ra["eval_loss"] == pytest.approx(rb["eval_loss"], abs=1e-4)
+        assert (ra["bytes_up"], ra["bytes_down"]) == (rb["bytes_up"], rb["bytes_down"])

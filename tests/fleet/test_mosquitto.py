@@ -1,0 +1,64 @@
+"""The Mosquitto the demo starts: the production ACL and passwords, enforced by Mosquitto."""
+
+from __future__ import annotations
+
+import queue
+import time
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+
+from edge_runtime.fleet.mosquitto import AGGREGATOR_USER, LocalMosquitto, fleet_acl
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "mosquitto"
+
+
+def _rules(text: str) -> list[str]:
+    return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+
+
+def test_generated_acl_is_the_shipped_one() -> None:
+    assert _rules(fleet_acl()) == _rules((DEPLOY / "aclfile").read_text())
+
+
+def _client(port: int, user: str, password: str, inbox: queue.Queue | None = None
+            ) -> tuple[mqtt.Client, int]:
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"t-{user}-{time.time_ns()}",
+                    protocol=mqtt.MQTTv5)
+    c.username_pw_set(user, password)
+    codes: queue.Queue = queue.Queue()
+    c.on_connect = lambda cl, ud, fl, rc, pr=None: codes.put(rc)
+    if inbox is not None:
+        c.on_message = lambda cl, ud, msg: inbox.put((msg.topic, bytes(msg.payload)))
+    c.connect("127.0.0.1", port)
+    c.loop_start()
+    rc = codes.get(timeout=10)
+    return c, int(rc.value if hasattr(rc, "value") else rc)
+
+
+@pytest.mark.timeout(60)
+def test_devices_write_only_their_own_topics_and_need_their_password() -> None:
+    with LocalMosquitto(["dev0", "dev1"]) as m:
+        inbox: queue.Queue = queue.Queue()
+        agg, rc = _client(m.port, AGGREGATOR_USER, m.passwords[AGGREGATOR_USER], inbox)
+        assert rc == 0
+        agg.subscribe("edge-rt/#", qos=1)
+        time.sleep(0.3)
+        dev0, rc = _client(m.port, "dev0", m.passwords["dev0"])
+        assert rc == 0
+        dev0.publish("edge-rt/default/dev/dev1/update", b"forged", qos=1).wait_for_publish(5)
+        dev0.publish("edge-rt/default/dev/dev0/update", b"own", qos=1).wait_for_publish(5)
+        got = [inbox.get(timeout=5)]
+        time.sleep(0.5)
+        while not inbox.empty():
+            got.append(inbox.get())
+        assert got == [("edge-rt/default/dev/dev0/update", b"own")]  # the forgery never arrived
+        bad, rc = _client(m.port, "dev1", m.passwords["dev0"])  # another device's password
+        bad.loop_stop()
+        assert rc != 0
+        for c in (agg, dev0):
+            c.loop_stop()
+            c.disconnect()
+        workdir = m.workdir
+    assert not workdir.exists() and m.proc is None  # stopped and cleaned up
