@@ -67,6 +67,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="torch threads for merging (raise for big FlexLoRA SVDs)")
     p.add_argument("--metrics", metavar="FILE",
                    help="write metrics JSON here (default STATE/metrics.json)")
+    p.add_argument("--http-port", type=int, metavar="PORT",
+                   help="serve the fleet status page (/), /status.json and Prometheus "
+                   "/metrics on this port (0: a free one; default: off)")
+    p.add_argument("--http-host", default="127.0.0.1", metavar="ADDR",
+                   help="address the status page binds (default 127.0.0.1)")
     p.set_defaults(func=run)
 
 
@@ -102,7 +107,20 @@ def run(args: argparse.Namespace) -> int:
     node = AggregatorNode(svc, run_cfg.mqtt, on_round=progress,
                           wait_for_clients_s=run_cfg.fleet.wait_for_clients_s,
                           threads=args.threads)
-    node.run()
+    web = None
+    if args.http_port is not None:
+        from edge_runtime.observe.http import ObserveServer
+
+        if not 0 <= args.http_port <= 65535:
+            raise ConfigError(f"--http-port must be 0-65535, got {args.http_port}")
+        web = ObserveServer(svc, args.http_host, args.http_port)
+        print(f"status page {web.url} (Prometheus {web.url}metrics)", file=sys.stderr,
+              flush=True)
+    try:
+        node.run()
+    finally:
+        if web is not None:
+            web.stop()
     metrics = Path(args.metrics) if args.metrics else Path(args.state) / "metrics.json"
     config = run_cfg.to_json()
     config["strategy"] = svc.strategy_cfg.to_json()

@@ -8,6 +8,7 @@ from pathlib import Path
 from edge_runtime.cli.common import positive_float, positive_int
 from edge_runtime.cli.run_args import add_run_file_args, resolve_run
 from edge_runtime.config import Compression, StrategyName
+from edge_runtime.errors import ConfigError
 
 FLAGS = {"model": "model.name", "clients": "sim.clients", "rounds": "fleet.rounds",
          "data": "data.path", "partition": "data.partition", "eval_max": "data.eval_max",
@@ -32,7 +33,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="demo-out", metavar="DIR",
                    help="metrics.json, adapter/, logs/ go here (default demo-out)")
     p.add_argument("--broker", metavar="URL",
-                   help="use this MQTT broker instead of the embedded one")
+                   help="use this MQTT broker (default: a Mosquitto started for the demo "
+                   "when installed, else the embedded broker)")
+    p.add_argument("--http-port", type=int, default=0, metavar="PORT",
+                   help="serve the fleet status page, status.json and Prometheus /metrics "
+                   "on 127.0.0.1:PORT (default 0: a free port; -1: off)")
+    p.add_argument("--http-linger-s", type=positive_float, default=None, metavar="S",
+                   help="keep the status page up S seconds after the last round")
     p.add_argument("--local-steps", type=positive_int,
                    help="training steps per round (default 10 on tiny, 4 on a real model)")
     p.add_argument("--round-timeout-s", type=positive_float,
@@ -64,6 +71,11 @@ def run(args: argparse.Namespace) -> int:
                            if args.config else "tiny")
     cfg = resolve_run(args, FLAGS, base=demo_base(str(model)))
     cfg.fleet.min_clients = cfg.sim.clients  # every demo device takes part in every round
+    if args.http_port < -1 or args.http_port > 65535:
+        raise ConfigError(f"--http-port must be a port, 0 (free port) or -1 (off), got "
+                          f"{args.http_port}")
     run_demo(cfg, Path(args.out), broker_url=args.broker,
-             join_timeout_s=cfg.fleet.wait_for_clients_s)
+             join_timeout_s=cfg.fleet.wait_for_clients_s,
+             http_port=None if args.http_port == -1 else args.http_port,
+             http_linger_s=args.http_linger_s or 0.0)
     return 0

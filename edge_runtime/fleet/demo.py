@@ -86,7 +86,8 @@ def _say(msg: str) -> None:
 
 
 def run_demo(run: RunConfig, out: Path, broker_url: str | None = None,
-             join_timeout_s: float = 180.0) -> dict[str, Any]:
+             join_timeout_s: float = 180.0, http_port: int | None = 0,
+             http_linger_s: float = 0.0) -> dict[str, Any]:
     """Run the whole demo (`run.sim.clients` agent processes); returns OUT/metrics.json."""
     out = Path(out)
     if (out / "state" / "state.json").exists():
@@ -113,7 +114,7 @@ def run_demo(run: RunConfig, out: Path, broker_url: str | None = None,
              "mosquitto; no passwords, no ACL)")
     try:
         return _run_fleet(run, out, url, passwords, device_ids, files, eval_rows,
-                          join_timeout_s, t_start)
+                          join_timeout_s, t_start, http_port, http_linger_s)
     finally:
         if broker is not None:
             broker.stop()
@@ -121,7 +122,8 @@ def run_demo(run: RunConfig, out: Path, broker_url: str | None = None,
 
 def _run_fleet(run: RunConfig, out: Path, url: str, passwords: dict[str, str],
                device_ids: list[str], files: list[Path], eval_rows: list[Example],
-               join_timeout_s: float, t_start: float) -> dict[str, Any]:
+               join_timeout_s: float, t_start: float, http_port: int | None,
+               http_linger_s: float) -> dict[str, Any]:
     n_clients = run.sim.clients
     mq = replace(run.mqtt, url=url)
     if passwords:
@@ -150,6 +152,30 @@ def _run_fleet(run: RunConfig, out: Path, url: str, passwords: dict[str, str],
 
     node = AggregatorNode(svc, mq, on_round=on_round, wait_for_clients_s=join_timeout_s,
                           linger_s=3.0, start_clients=n_clients)
+    web = None
+    if http_port is not None:
+        from edge_runtime.observe.http import ObserveServer
+
+        web = ObserveServer(svc, "127.0.0.1", http_port)
+        _say(f"fleet status page {web.url} (JSON {web.url}status.json, Prometheus "
+             f"{web.url}metrics)")
+    try:
+        return _serve_fleet(run, out, url, mq, passwords, device_ids, files, svc, node,
+                            loaded, base, wire, last, t_start)
+    finally:
+        if web is not None:
+            if http_linger_s > 0:
+                _say(f"status page stays up {http_linger_s:.0f} s more: {web.url}")
+                time.sleep(http_linger_s)
+            web.stop()
+
+
+def _serve_fleet(run: RunConfig, out: Path, url: str, mq: Any, passwords: dict[str, str],
+                 device_ids: list[str], files: list[Path], svc: Any, node: AggregatorNode,
+                 loaded: Any, base: RoundRecord, wire: list[tuple[int, int]],
+                 last: list[tuple[int, int]], t_start: float) -> dict[str, Any]:
+    base_loss = base.eval_loss
+    join_timeout_s = node.wait_for_clients_s
     logs = out / "logs"
     logs.mkdir(exist_ok=True)
     procs: list[subprocess.Popen[bytes]] = []

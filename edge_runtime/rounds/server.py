@@ -32,7 +32,7 @@ import math
 import random
 import shutil
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -139,6 +139,17 @@ class DeviceRecord:
     rank_caps: dict[str, int] = field(default_factory=dict)  # HetLoRA: ranks it pruned to
 
 
+@dataclass(frozen=True)
+class Rejection:
+    """One refused update or message (the status page's recent rejections)."""
+
+    unix: float
+    round: int
+    device_id: str
+    reason: str
+    detail: str
+
+
 @dataclass
 class OpenRound:
     started_unix: float
@@ -221,6 +232,8 @@ class AggregatorService:
         self.evaluator = evaluator
         self.clock = clock
         self.online: set[str] = set()
+        self.last_seen: dict[str, float] = {}  # device -> unix time it was last heard from
+        self.recent_rejections: deque[Rejection] = deque(maxlen=50)
         self._acc: Accumulator | None = None
         self._accepted: dict[str, int] = {}
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -321,10 +334,17 @@ class AggregatorService:
             reg.n_samples, reg.profile, reg.device_class,
             old.rank_caps if old is not None and old.profile == reg.profile else {})
         self.online.add(reg.device_id)
+        self.seen(reg.device_id)
         return None
 
     def set_online(self, device_id: str, online: bool) -> None:
         (self.online.add if online else self.online.discard)(device_id)
+        if online:
+            self.seen(device_id)
+
+    def seen(self, device_id: str) -> None:
+        """Note that a device was heard from now (status page; not persisted)."""
+        self.last_seen[device_id] = self.clock()
 
     # round verbs -----------------------------------------------------------------------
     def _plan(self, dev: str) -> ClientPlan | None:
@@ -420,6 +440,8 @@ class AggregatorService:
 
     def count_rejection(self, device_id: str, reason: str, detail: str = "") -> Verdict:
         self._count(reason, this_round=True)
+        self.recent_rejections.append(Rejection(self.clock(), self.round, device_id, reason,
+                                                detail[:300]))
         log.warning("rejected update from %s: %s %s", device_id, reason, detail)
         return Verdict(False, reason, detail)
 
@@ -472,6 +494,7 @@ class AggregatorService:
             return self.count_rejection(device_id, "bad_shape", f"strategy refused it: {e}")
         if self.strategy_cfg.name is StrategyName.HETLORA:
             self.st.devices[device_id].rank_caps = {k: w.rank for k, w in adapter.items()}
+        self.seen(device_id)
         log.info("round %d: accepted update from %s (%d samples)", self.round, device_id, n)
         return Verdict(True)
 

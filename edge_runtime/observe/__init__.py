@@ -1,0 +1,1 @@
+"""Watching a running fleet: the status document, Prometheus metrics, the HTTP endpoint."""
