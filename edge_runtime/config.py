@@ -732,10 +732,12 @@ class StrategyConfig:
 
 
 class Transport(str, enum.Enum):
-    """How a simulated fleet's messages move: in this process, or through an MQTT broker."""
+    """How a simulated fleet's messages move: in this process, through an MQTT broker, or
+    through Flower's simulation engine (the `flower` extra)."""
 
     INPROC = "inproc"
     MQTT = "mqtt"
+    FLOWER = "flower"
 
 
 @dataclass
@@ -856,7 +858,8 @@ class SimConfig:
         deadline_s: round deadline in simulated seconds (late updates are not sent);
             None: wait for every device.
         uplink_mbps, downlink_mbps: link rates for the simulated transfer times.
-        transport: inproc (this process) or mqtt (the same fleet through a real broker).
+        transport: inproc (this process), mqtt (the same fleet through a real broker) or
+            flower (Flower ServerApp/ClientApps in its Ray simulation engine).
         broker: with transport mqtt, a broker URL; None starts one for the run.
     """
 

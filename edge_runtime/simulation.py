@@ -134,8 +134,12 @@ def load_client_data(data: str, n_clients: int, *, partition: str | None, alpha:
     return train, test
 
 
-def run_simulation(run: RunConfig) -> dict[str, Any]:
-    """Run the simulated fleet of `run`; returns the metrics document (one schema)."""
+def run_simulation(run: RunConfig, state_dir: Path | None = None) -> dict[str, Any]:
+    """Run the simulated fleet of `run`; returns the metrics document (one schema).
+
+    `state_dir`: keep the aggregator's state (and each merged global) there instead of
+    in a temporary folder.
+    """
     from edge_runtime.checkpoints import load_model
     from edge_runtime.rounds.build import build_service, make_evaluator
     from edge_runtime.transport.inproc import run_inproc
@@ -164,9 +168,13 @@ def run_simulation(run: RunConfig) -> dict[str, Any]:
     scheduler = SimScheduler(run.sim, run.seed, {d.device_id: d.cost for d in devices},
                              model_cfg.n_layers)
     with tempfile.TemporaryDirectory(prefix="edge-rt-sim-state-") as state:
-        svc = build_service(loaded, run, Path(state), evaluator=evaluator)
+        svc = build_service(loaded, run, state_dir or Path(state), evaluator=evaluator)
         if run.sim.transport is Transport.MQTT:
             run_mqtt(svc, devices, loaded, scheduler, run, lock)
+        elif run.sim.transport is Transport.FLOWER:
+            from edge_runtime.flower.simulation import run_flower
+
+            run_flower(svc, devices, run)
         else:
             run_inproc(svc, devices, loaded, scheduler, run.fleet.compression)
         config = run.to_json()
