@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("flwr", reason="the flower extra: pip install 'edge-runtime[flower]'")
 
-from edge_runtime.config import RunConfig  # noqa: E402
+from edge_runtime.config import RunConfig, load_run_file  # noqa: E402
 from edge_runtime.datasets.build import pull_dataset  # noqa: E402
 from edge_runtime.fleet.codec import decode_adapter  # noqa: E402
 from edge_runtime.simulation import run_simulation  # noqa: E402
@@ -24,14 +24,16 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+EXAMPLE = Path(__file__).parents[2] / "examples" / "flower" / "run.toml"
+
+
 def _run(strategy: str, data: Path, transport: str, state: Path) -> dict:
-    return run_simulation(RunConfig.from_dict({
-        "seed": 5, "strategy": {"name": strategy}, "model": {"name": "tiny"},
-        "adapter": {"r_min": 2, "r_max": 8, "depth": 0},
-        "train": {"steps": 2, "seq_len": 48, "batch_size": 2, "lr": 1e-3},
-        "fleet": {"rounds": 2}, "data": {"path": str(data), "eval_max": 6},
-        "sim": {"clients": 3, "device_classes": "rpi4-2gb,rpi5-4gb,android-flagship-12gb",
-                "transport": transport}}), state_dir=state)
+    """The example's run file, on the vendored data, with `strategy` and `transport`."""
+    d = load_run_file(EXAMPLE)
+    d["strategy"] = {"name": strategy}
+    d["data"] = {**d["data"], "path": str(data)}
+    d["sim"] = {**d["sim"], "transport": transport}
+    return run_simulation(RunConfig.from_dict(d), state_dir=state)
 
 
 @pytest.mark.slow
