@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One command on a fresh machine: set up, then run the main job, the fleet demo:
-# an embedded MQTT broker, the aggregator and 3 device agents (3 declared device classes,
+# Mosquitto (started with a password per device and the per-device ACL; the embedded
+# broker when Mosquitto is absent), a live status page, the aggregator and 3 device agents (3 declared device classes,
 # each with its own LoRA rank and depth) federating LoRA on the real SmolLM2-135M.
 # Usage: bash scripts/quickstart.sh [extra `edge-rt demo` flags, e.g. --strategy flexlora]
 set -euo pipefail

@@ -160,13 +160,14 @@ def _run_fleet(run: RunConfig, out: Path, url: str, passwords: dict[str, str],
         _say(f"fleet status page {web.url} (JSON {web.url}status.json, Prometheus "
              f"{web.url}metrics)")
     try:
-        return _serve_fleet(run, out, url, mq, passwords, device_ids, files, svc, node,
-                            loaded, base, wire, last, t_start)
+        metrics = _serve_fleet(run, out, url, mq, passwords, device_ids, files, svc, node,
+                               loaded, base, wire, last, t_start)
+        if web is not None and http_linger_s > 0:  # not after a failure or Ctrl-C
+            _say(f"status page stays up {http_linger_s:.0f} s more: {web.url}")
+            time.sleep(http_linger_s)
+        return metrics
     finally:
         if web is not None:
-            if http_linger_s > 0:
-                _say(f"status page stays up {http_linger_s:.0f} s more: {web.url}")
-                time.sleep(http_linger_s)
             web.stop()
 
 
