@@ -731,6 +731,14 @@ class StrategyConfig:
         return cls(name, from_dict(want, rest, section))
 
 
+class Backend(str, enum.Enum):
+    """Where an in-process simulation runs its devices' local training: one after another in
+    this process, or as Ray actors (the `ray` extra), the round engine deciding the rest."""
+
+    LOCAL = "local"
+    RAY = "ray"
+
+
 class Transport(str, enum.Enum):
     """How a simulated fleet's messages move: in this process, through an MQTT broker, or
     through Flower's simulation engine (the `flower` extra)."""
@@ -861,6 +869,12 @@ class SimConfig:
         transport: inproc (this process), mqtt (the same fleet through a real broker) or
             flower (Flower ServerApp/ClientApps in its Ray simulation engine).
         broker: with transport mqtt, a broker URL; None starts one for the run.
+        backend: with transport inproc, where devices train: local (this process, one
+            after another) or ray (Ray actors, the model loaded once per worker).
+        ray_address: with backend ray, an existing Ray cluster's address; None starts a
+            local Ray instance.
+        ray_workers: with backend ray, the number of actors (each trains one device at a
+            time).
     """
 
     clients: int = 8
@@ -874,9 +888,18 @@ class SimConfig:
     downlink_mbps: float = 50.0
     transport: Transport = Transport.INPROC
     broker: str | None = None
+    backend: Backend = Backend.LOCAL
+    ray_address: str | None = None
+    ray_workers: int = 2
 
     def __post_init__(self) -> None:
         self.transport = _enum(Transport, self.transport, "sim.transport")
+        self.backend = _enum(Backend, self.backend, "sim.backend")
+        if self.backend is Backend.RAY and self.transport is not Transport.INPROC:
+            raise ConfigError(f"sim.backend = ray runs the in-process transport's devices; "
+                              f"it does not combine with sim.transport = {self.transport.value}")
+        if self.ray_workers <= 0:
+            raise ConfigError(f"sim.ray_workers must be positive, got {self.ray_workers}")
         if isinstance(self.device_classes, str):
             self.device_classes = tuple(c.strip() for c in self.device_classes.split(",")
                                         if c.strip())
@@ -1108,6 +1131,6 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 __all__ += ["lora_module_name", "StrategyName", "FedAvgConfig", "StrategyConfig",
-            "STRATEGY_SETTINGS", "Transport", "ModelSpec", "AdapterSpec", "DataSpec",
+            "STRATEGY_SETTINGS", "Transport", "Backend", "ModelSpec", "AdapterSpec", "DataSpec",
             "SimConfig", "RunConfig", "EvalSplit", "to_jsonable", "from_dict", "load_run_file", "set_key",
             "parse_override"]

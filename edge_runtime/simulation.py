@@ -21,7 +21,14 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from edge_runtime.config import EvalSplit, LegendConfig, RunConfig, StrategyConfig, Transport
+from edge_runtime.config import (
+    Backend,
+    EvalSplit,
+    LegendConfig,
+    RunConfig,
+    StrategyConfig,
+    Transport,
+)
 from edge_runtime.data import Example, load_jsonl
 from edge_runtime.errors import ConfigError, DataError
 from edge_runtime.fl.devices import DeviceClass, analytic_cost, load_device_classes
@@ -175,6 +182,10 @@ def run_simulation(run: RunConfig, state_dir: Path | None = None) -> dict[str, A
             from edge_runtime.flower.simulation import run_flower
 
             run_flower(svc, devices, run)
+        elif run.sim.backend is Backend.RAY:
+            from edge_runtime.transport.ray_backend import run_ray
+
+            run_ray(svc, devices, loaded, scheduler, run)
         else:
             run_inproc(svc, devices, loaded, scheduler, run.fleet.compression)
         config = run.to_json()

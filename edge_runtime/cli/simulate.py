@@ -15,7 +15,7 @@ from typing import Any
 
 from edge_runtime.cli.common import positive_float, positive_int
 from edge_runtime.cli.run_args import PLAN_FLAGS, add_plan_args, add_run_file_args, resolve_run
-from edge_runtime.config import Compression, QuantMode, StrategyName, Transport
+from edge_runtime.config import Backend, Compression, QuantMode, StrategyName, Transport
 
 __all__ = ["register", "run", "plot_metrics", "FLAGS"]
 
@@ -28,7 +28,8 @@ FLAGS = {
     "partition": "data.partition", "alpha_dirichlet": "data.dirichlet_alpha",
     "fraction": "fleet.fraction", "dropout": "sim.dropout", "straggler": "sim.straggler",
     "classes": "sim.device_classes", **PLAN_FLAGS, "deadline": "sim.deadline_s", "eval_max": "data.eval_max", "seed": "seed",
-    "transport": "sim.transport", "broker": "sim.broker", "compression": "fleet.compression",
+    "transport": "sim.transport", "broker": "sim.broker", "backend": "sim.backend",
+    "ray_address": "sim.ray_address", "ray_workers": "sim.ray_workers", "compression": "fleet.compression",
 }
 
 
@@ -55,7 +56,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-max", type=positive_int)
     p.add_argument("--seed", type=int)
     p.add_argument("--transport", choices=[m.value for m in Transport],
-                   help="inproc (default) or mqtt: the same fleet through a real broker")
+                   help="inproc (default), mqtt (the same fleet through a real broker) or "
+                   "flower (Flower's simulation engine)")
+    p.add_argument("--backend", choices=[m.value for m in Backend],
+                   help="with --transport inproc: local (default) or ray (devices train on "
+                   "Ray actors, the model loaded once per worker)")
+    p.add_argument("--ray-address", metavar="ADDR",
+                   help="with --backend ray: an existing Ray cluster (default: a local one)")
+    p.add_argument("--ray-workers", type=positive_int, metavar="N",
+                   help="with --backend ray: actors training devices (default 2)")
     p.add_argument("--broker", metavar="URL", help="with --transport mqtt: this broker "
                    "(default: one started for the run)")
     p.add_argument("--compression", choices=[m.value for m in Compression])
