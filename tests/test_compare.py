@@ -127,3 +127,19 @@ def test_one_learning_rate_is_fixed_without_validation_runs(data_dir: Path,
     assert all(r["data"]["eval_split"] == "test" and r["train"]["lr"] == 2e-3 for r in calls)
     assert all(m["lr"] == 2e-3 and m["validation_loss_by_lr"] == {}
                for m in report["methods"].values())
+
+
+def test_methods_flag_runs_a_subset_and_refuses_unknown_ones(data_dir: Path, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]
+                                                            ) -> None:
+    cfg = tmp_path / "cmp.toml"
+    cfg.write_text(SPEC.format(data=data_dir).replace("lrs = [1e-3, 1e-2]", "lrs = [1e-3]")
+                   .replace("seeds = [0, 1]", "seeds = [0]"))
+    assert main(["compare", str(cfg), "--out", str(tmp_path / "o"), "--methods",
+                 "homogeneous-rmin"]) == 0
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert list(report["methods"]) == ["homogeneous-rmin"]
+    assert len(list((tmp_path / "o" / "runs").glob("*.json"))) == 1
+    capsys.readouterr()
+    assert main(["compare", str(cfg), "--out", str(tmp_path / "o"), "--methods", "nope"]) == 2
+    assert "nope" in capsys.readouterr().err
