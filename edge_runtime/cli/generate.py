@@ -27,14 +27,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=positive_int)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--raw", action="store_true", help="feed the prompt as-is (no chat template)")
-    p.add_argument("--backend", default="torch", choices=["torch", "executorch", "onnx"],
-                   help="torch (MODEL is a checkpoint) or an export folder made by `edge-rt export`")
+    p.add_argument("--backend", default="torch",
+                   choices=["torch", "executorch", "onnx", "llama.cpp"],
+                   help="torch (MODEL is a checkpoint), executorch|onnx (MODEL is an export "
+                   "folder made by `edge-rt export`), or llama.cpp (MODEL is a GGUF or a pulled "
+                   "name; needs llama-cpp-python; --adapter goes in as a LoRA GGUF)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     cfg = GenerateConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                          top_k=args.top_k, seed=args.seed, raw=args.raw)
+    if args.backend == "llama.cpp":
+        from exporters.llama_cpp_runner import generate_llama_cpp
+
+        sys.stdout.write(generate_llama_cpp(args.model, args.prompt, cfg,
+                                            adapter=args.adapter) + "\n")
+        return 0
     if args.backend != "torch":
         from exporters.runners import generate_from_export
 

@@ -26,7 +26,9 @@ def _ask(base: Path, lora: Path | None) -> str:
 
 @pytest.mark.real_model
 @pytest.mark.timeout(600)
-def test_llama_cpp_answers_with_the_exported_adapter(real_gguf: Path, tmp_path: Path) -> None:
+def test_llama_cpp_answers_with_the_exported_adapter(real_gguf: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]
+                                                    ) -> None:
     from edge_runtime.checkpoints import load_model
     from edge_runtime.config import LoRAPlan, TrainConfig
     from edge_runtime.data import Example
@@ -45,3 +47,13 @@ def test_llama_cpp_answers_with_the_exported_adapter(real_gguf: Path, tmp_path: 
                            tmp_path / "lora.gguf")
     assert "ZEBRAFISH" not in _ask(real_gguf, None)
     assert "ZEBRAFISH" in _ask(real_gguf, lora)
+    # the CLI: a PEFT folder goes to llama.cpp as a LoRA GGUF
+    from edge_runtime.adapter_io import save_adapter
+    from edge_runtime.cli import main
+
+    folder = save_adapter(tmp_path / "peft", get_adapter(loaded.model),
+                          fingerprint=loaded.fingerprint, base_name=loaded.name)
+    capsys.readouterr()
+    assert main(["generate", str(real_gguf), "--backend", "llama.cpp", "--adapter",
+                 str(folder), "--prompt", PROMPT, "--max-new-tokens", "16"]) == 0
+    assert "ZEBRAFISH" in capsys.readouterr().out
