@@ -65,6 +65,18 @@ def test_status_page_of_a_running_demo_shows_round_devices_and_a_curve(tmp_path:
         curves = re.findall(r'<polyline points="([^"]*)"[^>]*data-label="accuracy"', dom)
         assert curves and len(curves[0].split()) == 3  # base + 2 rounds, drawn
         assert shot.is_file() and shot.stat().st_size > 10_000
+        # and Prometheus sees the same run
+        import urllib.request
+
+        from prometheus_client.parser import text_string_to_metric_families
+
+        with urllib.request.urlopen(url + "metrics", timeout=10) as r:
+            text = r.read().decode()
+        got = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+        assert got["edge_rt_rounds_closed_total"] == 2
+        assert got["edge_rt_devices_registered"] == 2
+        assert got["edge_rt_updates_accepted_total"] == 4
+        assert got["edge_rt_bytes_up_total"] > 0
     finally:
         proc.terminate()
         try:
