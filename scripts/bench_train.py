@@ -2,8 +2,10 @@
 
 Each configuration runs in its own process so its peak RSS is its own. A step is one
 forward + backward + AdamW update on a batch of 4 x 128 tokens, LoRA rank 8 on q,v.
-Anchor: the same step in PEFT + transformers (LlamaForCausalLM, fp32, all 30 blocks),
-installed by this script if missing (torch is left as it is).
+Anchor: the same step in PEFT + transformers (LlamaForCausalLM, fp32) *at the same depth*
+(`layers_to_transform` = the same top blocks; autograd then stops at the lowest trainable
+block in PEFT too, so depth saves PEFT the same backward work), installed by this script
+if missing (torch is left as it is). Every row's ratio is against PEFT at its own depth.
 
     python scripts/bench_train.py [--model smollm2-135m] [--steps 3] [--threads N]
 
@@ -75,15 +77,17 @@ def child_ours(model: str, quant: str, depth: int, steps: int, threads: int) -> 
             "step_extra_mb": peak_mb() - base, "loaded_rss_mb": base}
 
 
-def child_peft(hf_dir: str, steps: int, threads: int) -> dict:
+def child_peft(hf_dir: str, steps: int, threads: int, depth: int = 0) -> dict:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
 
     torch.set_num_threads(threads)
     hf_model = LlamaForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32)
+    n = hf_model.config.num_hidden_layers
+    layers = list(range(n - depth, n)) if 0 < depth < n else None
     m = get_peft_model(hf_model, LoraConfig(r=RANK, lora_alpha=16, target_modules=["q_proj", "v_proj"],
-                                     lora_dropout=0.0))
+                                     lora_dropout=0.0, layers_to_transform=layers))
     ids = batch_tokens(m.config.vocab_size)
     opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
     base = rss_mb()
@@ -97,7 +101,7 @@ def child_peft(hf_dir: str, steps: int, threads: int) -> dict:
         if i > 0:
             times.append(time.perf_counter() - t)
             cpu.append(time.process_time() - c)
-    return {"impl": "peft+transformers", "quant": "none", "depth": m.config.num_hidden_layers,
+    return {"impl": "peft+transformers", "quant": "none", "depth": len(layers) if layers else n,
             "step_s": statistics.median(times), "cpu_s": statistics.median(cpu), "peak_rss_mb": peak_mb(),
             "step_extra_mb": peak_mb() - base, "loaded_rss_mb": base}
 
@@ -134,7 +138,7 @@ def main() -> None:
     ap.add_argument("--hf-dir", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
-        res = (child_peft(a.hf_dir, a.steps, a.threads) if a.impl == "peft"
+        res = (child_peft(a.hf_dir, a.steps, a.threads, a.depth) if a.impl == "peft"
                else child_ours(a.model, a.quant, a.depth, a.steps, a.threads))
         print(json.dumps(res))
         return
@@ -144,23 +148,30 @@ def main() -> None:
     from edge_runtime.checkpoints.hf import save_hf_folder
 
     rows = []
+    anchors: dict[int, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         save_hf_folder(load_model(a.model), Path(tmp))
-        anchor = run_child(["--impl", "peft", "--hf-dir", tmp, "--steps", str(a.steps),
-                            "--threads", str(a.threads)])
-    rows.append(anchor)
+        n_layers = load_model(a.model).model.config.n_layers
+        for depth in (n_layers, 8, 4):
+            anchors[depth] = run_child(["--impl", "peft", "--hf-dir", tmp, "--steps",
+                                        str(a.steps), "--threads", str(a.threads),
+                                        "--depth", str(depth)])
+    rows.extend(anchors.values())
     for quant in ("none", "int8", "int4"):
         for depth in (0, 8, 4):
             rows.append(run_child(["--model", a.model, "--quant", quant, "--depth", str(depth),
                                    "--steps", str(a.steps), "--threads", str(a.threads)]))
     print(f"one LoRA step, batch {BATCH} x {SEQ} tokens, rank {RANK} on q,v, "
-          f"{a.threads} threads; anchor = PEFT + transformers fp32, all blocks")
-    print(f"{'impl':<18} {'quant':<5} {'depth':>5} {'wall s':>7} {'CPU s':>7} {'x anchor':>9} "
-          f"{'peak MB':>8} {'x anchor':>9} {'step +MB':>9}")
+          f"{a.threads} threads; anchor = PEFT + transformers fp32 at the same depth")
+    print("| impl | base | depth | CPU s/step | x PEFT same depth | peak RSS MB | x PEFT | "
+          "step +MB |\n|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"{r['impl']:<18} {r['quant']:<5} {r['depth']:>5} {r['step_s']:>7.2f} "
-              f"{r['cpu_s']:>7.2f} {r['cpu_s'] / anchor['cpu_s']:>9.2f} {r['peak_rss_mb']:>8.0f} "
-              f"{r['peak_rss_mb'] / anchor['peak_rss_mb']:>9.2f} {r['step_extra_mb']:>9.0f}")
+        anc = anchors[r["depth"]]
+        r["x_anchor_cpu"] = r["cpu_s"] / anc["cpu_s"]
+        r["x_anchor_peak"] = r["peak_rss_mb"] / anc["peak_rss_mb"]
+        print(f"| {r['impl']} | {r['quant']} | {r['depth']} | {r['cpu_s']:.2f} | "
+              f"{r['x_anchor_cpu']:.2f} | {r['peak_rss_mb']:.0f} | {r['x_anchor_peak']:.2f} | "
+              f"{r['step_extra_mb']:.0f} |")
     Path(a.out).write_text(json.dumps(rows, indent=1))
 
 
