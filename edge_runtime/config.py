@@ -464,6 +464,14 @@ class Compression(str, enum.Enum):
     INT8 = "int8"
 
 
+class WeightCap(str, enum.Enum):
+    """Bound on the sample count (aggregation weight) a device may claim in a round."""
+
+    PLAN = "plan"  # min(registered rows, local steps x batch x grad_accum)
+    REGISTERED = "registered"  # the rows it registered with
+    NONE = "none"  # trust the claim (the behaviour before the bound existed)
+
+
 @dataclass
 class FleetConfig:
     """How rounds run: how many, who is selected, deadlines and limits on updates.
@@ -485,6 +493,15 @@ class FleetConfig:
             exact average of the clients' products and the share of its energy in the top
             `diagnostics_rank` singular directions (`fl.diagnostics`; dense products, for
             studies).
+        weight_cap: the sample count a device may claim (its aggregation weight): plan =
+            at most what the round let it train on (steps x batch x grad_accum) and the rows
+            it registered; registered = the rows it registered; none = its claim.
+        clip_multiple: adaptive clipping: an update whose change of the model is above
+            this multiple of the round's median change is pulled back to it
+            (`fl.clipping`; 0 = off). Applied when a round has at least
+            `clip_min_updates` updates.
+        clip_min_updates: fewer updates than this: no adaptive clipping (a median of one
+            or two is the attacker's own).
     """
 
     rounds: int = 3
@@ -498,9 +515,19 @@ class FleetConfig:
     compression: Compression = Compression.FP32
     wait_for_clients_s: float = 120.0
     diagnostics_rank: int = 0
+    weight_cap: WeightCap = WeightCap.PLAN
+    clip_multiple: float = 3.0
+    clip_min_updates: int = 3
 
     def __post_init__(self) -> None:
         self.compression = _enum(Compression, self.compression, "fleet.compression")
+        self.weight_cap = _enum(WeightCap, self.weight_cap, "fleet.weight_cap")
+        if self.clip_multiple < 0 or (0 < self.clip_multiple < 1):
+            raise ConfigError(f"fleet.clip_multiple must be 0 (off) or >= 1, got "
+                              f"{self.clip_multiple}")
+        if self.clip_min_updates < 2:
+            raise ConfigError(f"fleet.clip_min_updates must be >= 2, got "
+                              f"{self.clip_min_updates}")
         if self.diagnostics_rank < 0:
             raise ConfigError(f"fleet.diagnostics_rank must be >= 0, got {self.diagnostics_rank}")
         if self.rounds <= 0:
@@ -573,7 +600,8 @@ class AgentConfig:
 
 
 
-__all__ += ["MqttConfig", "FleetConfig", "Compression", "AgentConfig", "DEVICE_ID_RE"]
+__all__ += ["MqttConfig", "FleetConfig", "Compression", "AgentConfig", "DEVICE_ID_RE",
+            "WeightCap"]
 
 
 # --- Profiler (edge_runtime/profiler) ------------------------------------------------------

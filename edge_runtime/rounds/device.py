@@ -10,7 +10,6 @@ in-process transport both call it.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass, replace
 from typing import Any
@@ -23,17 +22,12 @@ from edge_runtime.fl.types import ClientPlan
 from edge_runtime.fleet.codec import encode_adapter
 from edge_runtime.lora import add_frozen_delta, get_adapter, remove_lora, set_adapter
 from edge_runtime.model import CausalLM
+from edge_runtime.rounds.seeding import device_seed
 from edge_runtime.trainer import train
 
 __all__ = ["RoundTask", "LocalResult", "device_seed", "run_local_round"]
 
 log = logging.getLogger(__name__)
-
-
-def device_seed(seed: int, round_index: int, device_id: str) -> int:
-    """The training seed of one device in one round (independent of arrival order)."""
-    digest = hashlib.sha256(f"{seed}:{round_index}:{device_id}".encode()).digest()
-    return int.from_bytes(digest[:4], "little")
 
 
 @dataclass

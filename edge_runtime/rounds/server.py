@@ -47,6 +47,7 @@ from edge_runtime.config import (
     StrategyConfig,
     StrategyName,
     TrainConfig,
+    WeightCap,
     to_jsonable,
 )
 from edge_runtime.evaluate import EvalResult
@@ -68,6 +69,7 @@ from edge_runtime.fleet.transfer import TransferError, make_manifest
 from edge_runtime.fleet.validation import UpdateRejected, validate_update
 from edge_runtime.lora import seeded_lora_a
 from edge_runtime.planning import GlobalShape, Planner
+from edge_runtime.rounds.seeding import device_seed
 
 __all__ = ["AggregatorService", "Verdict", "RoundOpen", "RoundRecord", "initial_global",
            "METRICS_SCHEMA", "ROUND_KEYS", "metrics_document"]
@@ -77,7 +79,7 @@ STATE_VERSION = 2
 MAX_EXTENSIONS = 3
 METRICS_SCHEMA = 1
 ROUND_KEYS = ("round", "eval_loss", "eval_accuracy", "bytes_up", "bytes_down", "time_s",
-              "participants", "selected", "stragglers", "rejected", "diagnostics")
+              "participants", "selected", "stragglers", "rejected", "diagnostics", "clipped")
 
 
 def initial_global(shape: GlobalShape, shapes: dict[str, tuple[int, int]], seed: int) -> Adapter:
@@ -126,6 +128,9 @@ class RoundRecord:
     rejected: dict[str, int] = field(default_factory=dict)
     diagnostics: dict[str, float] | None = None
     accepted: list[str] = field(default_factory=list)
+    # device -> what the aggregator bounded: {"n_samples": [claimed, used]} (weight cap),
+    # {"norm": [change norm, bound, t]} (adaptive clipping, `fl.clipping`)
+    clipped: dict[str, dict[str, list[float]]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in ROUND_KEYS}
@@ -236,6 +241,7 @@ class AggregatorService:
         self.recent_rejections: deque[Rejection] = deque(maxlen=50)
         self._acc: Accumulator | None = None
         self._accepted: dict[str, int] = {}
+        self._clips: dict[str, dict[str, list[float]]] = {}  # the open round's
         self.state_dir.mkdir(parents=True, exist_ok=True)
         if (self.state_dir / "state.json").exists():
             self.st = self._load_state(strategy)
@@ -316,7 +322,10 @@ class AggregatorService:
         jdir = self._journal_dir(self.round)
         for f in sorted(jdir.glob("*.bin")) if jdir.is_dir() else []:
             adapter, meta = decode_adapter(f.read_bytes())
-            self._fold(f.stem, adapter, int(meta["n_samples"]))
+            n, claimed = int(meta["n_samples"]), int(meta.get("claimed", meta["n_samples"]))
+            self._fold(f.stem, adapter, n)
+            if n < claimed:
+                self._clips.setdefault(f.stem, {})["n_samples"] = [float(claimed), float(n)]
         log.info("resumed aggregator state: round %d, %d accepted in the open round",
                  self.round, len(self._accepted))
 
@@ -482,21 +491,84 @@ class AggregatorService:
                 raise UpdateRejected("stale_round", f"payload says round {meta.get('round')}")
         except TransferError as e:
             return self.count_rejection(device_id, e.reason, e.detail)
+        claimed, n = n, self._weight_cap(device_id, n)
+        if n < claimed:
+            self._clips.setdefault(device_id, {})["n_samples"] = [float(claimed), float(n)]
+            lied = claimed > self.st.devices[device_id].n_samples  # more than it registered
+            log.log(logging.WARNING if lied else logging.DEBUG,
+                    "round %d: %s claimed %d samples; weighted as %d (fleet.weight_cap %s)",
+                    self.round, device_id, claimed, n, self.cfg.weight_cap.value)
         # journal first (the update is "in" once this file exists), then fold
         jdir = self._journal_dir(self.round)
         jdir.mkdir(parents=True, exist_ok=True)
         atomic_write(jdir / f"{device_id}.bin",
-                     encode_adapter(adapter, {"n_samples": n, "round": self.round}))
+                     encode_adapter(adapter, {"n_samples": n, "claimed": claimed,
+                                              "round": self.round}))
         try:
             self._fold(device_id, adapter, n)
         except StrategyRefused as e:  # the strategy's own checks: drop the journal entry
             (jdir / f"{device_id}.bin").unlink(missing_ok=True)
+            self._clips.pop(device_id, None)
             return self.count_rejection(device_id, "bad_shape", f"strategy refused it: {e}")
         if self.strategy_cfg.name is StrategyName.HETLORA:
             self.st.devices[device_id].rank_caps = {k: w.rank for k, w in adapter.items()}
         self.seen(device_id)
         log.info("round %d: accepted update from %s (%d samples)", self.round, device_id, n)
         return Verdict(True)
+
+    def _weight_cap(self, dev: str, n: int) -> int:
+        """The sample count `dev` may be weighted by (`FleetConfig.weight_cap`)."""
+        cap = self.cfg.weight_cap
+        if cap is WeightCap.NONE:
+            return n
+        limit = self.st.devices[dev].n_samples
+        if cap is WeightCap.PLAN:
+            r = self.recipe
+            limit = min(limit, r.steps * r.batch_size * r.grad_accum)
+        return min(n, max(1, limit))
+
+    def _start_of(self, dev: str) -> Adapter:
+        """What `dev` started this round from (the strategy's distribution, and a fresh
+        adapter seeded as the device seeds it where the strategy draws one)."""
+        assert self.st.open is not None
+        plan = ClientPlan.from_json(self.st.open.plans[dev])
+        received = self.strategy.distribute(self.global_adapter, plan)
+        _, start = self.strategy.local_start(received, plan,
+                                             device_seed(self.recipe.seed, self.round, dev))
+        return start
+
+    def _clip_round(self) -> None:
+        """Adaptive clipping at the close: updates whose change of the model is above
+        `clip_multiple` x the round's median are pulled back (`fl.clipping`) and the
+        round is folded again, in arrival order."""
+        from edge_runtime.fl.clipping import adaptive_bound, clip_to
+
+        updates = {}
+        for f in sorted(self._journal_dir(self.round).glob("*.bin")):
+            adapter, meta = decode_adapter(f.read_bytes())
+            updates[f.stem] = (adapter, int(meta["n_samples"]))
+        order = [d for d in self._accepted if d in updates]
+        if len(order) < self.cfg.clip_min_updates:
+            return
+        from edge_runtime.fl.clipping import change_norm
+
+        starts = {d: self._start_of(d) for d in order}
+        norms = {d: change_norm(updates[d][0], starts[d]) for d in order}
+        bound = adaptive_bound(list(norms.values()), self.cfg.clip_multiple)
+        if max(norms.values()) <= bound:
+            return
+        self._acc = self.strategy.accumulator(self.global_adapter, self.round)
+        for d in order:
+            adapter, n = updates[d]
+            if norms[d] > bound:
+                adapter, t, before = clip_to(adapter, starts[d], bound)
+                self._clips.setdefault(d, {})["norm"] = [round(before, 6), round(bound, 6),
+                                                         round(t, 6)]
+                log.warning("round %d: %s changed the model by %.4g, above %.1f x the median "
+                            "(%.4g); clipped (t = %.3f)", self.round, d, before,
+                            self.cfg.clip_multiple, bound / self.cfg.clip_multiple, t)
+            plan = ClientPlan.from_json(self.st.open.plans[d]) if self.st.open else None
+            self._acc.add(ClientUpdate(d, adapter, n, plan=plan))
 
     def _fold(self, dev: str, adapter: Adapter, n: int) -> None:
         assert self._acc is not None and self.st.open is not None
@@ -535,6 +607,8 @@ class AggregatorService:
         if stragglers:
             for reasons in (self.st.rejected, self.st.round_rejected):
                 reasons["straggler_dropped"] = reasons.get("straggler_dropped", 0) + len(stragglers)
+        if self._accepted and self.cfg.clip_multiple > 0:
+            self._clip_round()
         new_global = self._acc.result() if self._accepted else self.global_adapter
         diag = self._diagnostics(new_global) if self.cfg.diagnostics_rank else None
         ev = self.evaluator(new_global) if self.evaluator is not None else None
@@ -545,13 +619,15 @@ class AggregatorService:
                           time_s=round(self.st.metrics[-1].time_s + took, 6),
                           participants=len(self._accepted), selected=selected,
                           stragglers=len(stragglers), rejected=dict(self.st.round_rejected),
-                          diagnostics=diag, accepted=sorted(self._accepted))
+                          diagnostics=diag, accepted=sorted(self._accepted),
+                          clipped={d: dict(c) for d, c in sorted(self._clips.items())})
         atomic_write(self._global_path(self.round + 1), encode_adapter(new_global))
         closed = self.round
         self.st.metrics.append(rec)
         self.st.round += 1
         self.st.open = None
         self._accepted = {}
+        self._clips = {}
         self._acc = None
         self.global_adapter = new_global
         self.st.round_bytes = [0, 0]

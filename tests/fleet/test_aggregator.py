@@ -39,8 +39,10 @@ class Clock:
 def make_service(tmp: Path, strategy: str = "fedavg", clock: Clock | None = None, *,
                  rounds: int = 2, min_clients: int = 1,
                  max_update_bytes: int = 1 << 20) -> AggregatorService:
+    # the aggregation maths as such: claims trusted, no adaptive clipping (the defences
+    # have their own tests, tests/rounds/test_defences.py)
     cfg = FleetConfig(rounds=rounds, min_clients=min_clients, round_timeout_s=30,
-                      max_update_bytes=max_update_bytes)
+                      max_update_bytes=max_update_bytes, weight_cap="none", clip_multiple=0)
     st = StrategyConfig(StrategyName(strategy))
     return AggregatorService(cfg, st, TrainConfig(steps=2), Planner(SHAPE, st, steps=2,
                                                                     deadline_s=30.0),
