@@ -464,6 +464,25 @@ class Compression(str, enum.Enum):
     INT8 = "int8"
 
 
+def parse_robust(spec: str) -> tuple[str, float]:
+    """`none` | `median` | `trimmed-mean:BETA` (0 <= BETA < 0.5) -> (mode, beta)."""
+    s = spec.strip().lower()
+    if s in ("none", "median"):
+        return s, 0.0
+    if s.startswith("trimmed-mean"):
+        _, _, frac = s.partition(":")
+        try:
+            beta = float(frac) if frac else 0.2
+        except ValueError:
+            beta = -1.0
+        if not 0.0 <= beta < 0.5:
+            raise ConfigError(f"fleet.robust {spec!r}: the trimmed share must be in [0, 0.5), "
+                              "e.g. trimmed-mean:0.2")
+        return "trimmed-mean", beta
+    raise ConfigError(f"fleet.robust {spec!r} is not one of none, median, trimmed-mean:BETA")
+
+
+
 class WeightCap(str, enum.Enum):
     """Bound on the sample count (aggregation weight) a device may claim in a round."""
 
@@ -502,6 +521,8 @@ class FleetConfig:
             `clip_min_updates` updates.
         clip_min_updates: fewer updates than this: no adaptive clipping (a median of one
             or two is the attacker's own).
+        robust: none | median | trimmed-mean:BETA: a coordinate-wise statistic instead of
+            the strategy's weighted mean (`fl.robust`; fedavg, hetlora, legend, flexlora).
     """
 
     rounds: int = 3
@@ -518,6 +539,7 @@ class FleetConfig:
     weight_cap: WeightCap = WeightCap.PLAN
     clip_multiple: float = 3.0
     clip_min_updates: int = 3
+    robust: str = "none"
 
     def __post_init__(self) -> None:
         self.compression = _enum(Compression, self.compression, "fleet.compression")
@@ -525,6 +547,7 @@ class FleetConfig:
         if self.clip_multiple < 0 or (0 < self.clip_multiple < 1):
             raise ConfigError(f"fleet.clip_multiple must be 0 (off) or >= 1, got "
                               f"{self.clip_multiple}")
+        parse_robust(self.robust)
         if self.clip_min_updates < 2:
             raise ConfigError(f"fleet.clip_min_updates must be >= 2, got "
                               f"{self.clip_min_updates}")
@@ -601,7 +624,7 @@ class AgentConfig:
 
 
 __all__ += ["MqttConfig", "FleetConfig", "Compression", "AgentConfig", "DEVICE_ID_RE",
-            "WeightCap"]
+            "WeightCap", "parse_robust"]
 
 
 # --- Profiler (edge_runtime/profiler) ------------------------------------------------------
@@ -967,6 +990,12 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         self.train.seed = self.seed  # the run has one seed
+        robust_ok = (StrategyName.FEDAVG, StrategyName.HETLORA, StrategyName.LEGEND,
+                     StrategyName.FLEXLORA)
+        if parse_robust(self.fleet.robust)[0] != "none" and self.strategy.name not in robust_ok:
+            raise ConfigError(f"fleet.robust {self.fleet.robust!r} is not available for "
+                              f"{self.strategy.name.value} (its aggregate is not a plain "
+                              "average); use it with fedavg, hetlora, legend or flexlora")
 
     def to_json(self) -> dict:
         """A run file's content (what `from_dict` reads back): train.seed is the run's seed,

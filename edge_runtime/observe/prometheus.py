@@ -10,6 +10,7 @@ resumed aggregator reports its totals from the persisted state. Names:
     edge_rt_round_deadline_seconds            seconds left in the open round
     edge_rt_updates_accepted_total            updates folded in
     edge_rt_updates_rejected_total{reason}    refusals by reason (fleet.protocol)
+    edge_rt_updates_clipped_total{what}       claims capped (n_samples), updates clipped (norm)
     edge_rt_bytes_up_total / _down_total      update / download payload bytes
     edge_rt_devices_registered / _online      devices known / connected now
     edge_rt_round_duration_seconds            summary over closed rounds (count, sum)
@@ -54,6 +55,11 @@ def _families(svc: AggregatorService) -> Iterator[Any]:
     for reason, n in sorted(svc.rejected.items()):
         rej.add_metric([reason], n)
     yield rej
+    clip = CounterMetricFamily("edge_rt_updates_clipped", "Sample claims capped (n_samples) "
+                               "and updates clipped (norm)", labels=["what"])
+    for what in ("n_samples", "norm"):
+        clip.add_metric([what], sum(1 for r in closed for c in r.clipped.values() if what in c))
+    yield clip
     up_open, down_open = svc.st.round_bytes
     yield CounterMetricFamily("edge_rt_bytes_up", "Update payload bytes received",
                               value=sum(r.bytes_up for r in closed) + up_open)

@@ -77,6 +77,7 @@ def _snapshot(svc: AggregatorService) -> dict[str, Any]:
                        "eval_accuracy": r.eval_accuracy, "bytes_up": r.bytes_up,
                        "bytes_down": r.bytes_down, "participants": r.participants,
                        "stragglers": r.stragglers, "rejected": dict(r.rejected),
+                       "clipped": {d: dict(c) for d, c in r.clipped.items()},
                        "duration_s": round(r.time_s - prev_t, 3) if r.round else 0.0})
         prev_t = r.time_s
     return {

@@ -317,7 +317,7 @@ class AggregatorService:
         return st
 
     def _refold_journal(self) -> None:
-        self._acc = self.strategy.accumulator(self.global_adapter, self.round)
+        self._acc = self._new_accumulator()
         self._accepted = {}
         jdir = self._journal_dir(self.round)
         for f in sorted(jdir.glob("*.bin")) if jdir.is_dir() else []:
@@ -395,7 +395,7 @@ class AggregatorService:
         now = self.clock()
         plans = self._select(set())
         self.st.open = OpenRound(now, now + self.cfg.round_timeout_s, plans)
-        self._acc = self.strategy.accumulator(self.global_adapter, self.round)
+        self._acc = self._new_accumulator()
         self._accepted = {}
         self.st.round_rejected = {}
         opened = self.current()
@@ -516,6 +516,15 @@ class AggregatorService:
         log.info("round %d: accepted update from %s (%d samples)", self.round, device_id, n)
         return Verdict(True)
 
+    def _new_accumulator(self) -> Accumulator:
+        """The round's accumulator: the strategy's, or a robust statistic (`fleet.robust`)."""
+        from edge_runtime.fl.robust import robust_accumulator
+
+        robust = robust_accumulator(self.strategy_cfg.name, self.global_adapter,
+                                    self.cfg.robust)
+        return robust if robust is not None else self.strategy.accumulator(
+            self.global_adapter, self.round)
+
     def _weight_cap(self, dev: str, n: int) -> int:
         """The sample count `dev` may be weighted by (`FleetConfig.weight_cap`)."""
         cap = self.cfg.weight_cap
@@ -557,7 +566,7 @@ class AggregatorService:
         bound = adaptive_bound(list(norms.values()), self.cfg.clip_multiple)
         if max(norms.values()) <= bound:
             return
-        self._acc = self.strategy.accumulator(self.global_adapter, self.round)
+        self._acc = self._new_accumulator()
         for d in order:
             adapter, n = updates[d]
             if norms[d] > bound:

@@ -74,6 +74,7 @@ def test_metrics_and_status_follow_the_rounds(tmp_path: Path) -> None:
         assert m[("edge_rt_round_duration_seconds_count", ())] == 1
         assert m[("edge_rt_round_duration_seconds_sum", ())] == pytest.approx(12.5)
         assert m[("edge_rt_bytes_up_total", ())] == rec.bytes_up
+        assert m[("edge_rt_updates_clipped_total", (("what", "norm"),))] == 0
         st = json.loads(_get(web.url + "status.json")[1])
         assert [r["round"] for r in st["rounds"]] == [0, 1] and st["open"] is None
         code, page = _get(web.url)
