@@ -14,6 +14,9 @@ set -euo pipefail
 
 PROG="install.sh"
 TORCH_VERSION="2.13.0"
+# A torch known to run on ARMv8.0 cores (Pi 3/4: Cortex-A53/A72): PyPI's aarch64 2.5.1 wheel
+# is CPU-only and ran matmul + backward under QEMU_CPU=cortex-a72 (issue: Pi 4 check).
+TORCH_ARMV80_VERSION="2.5.1"
 TORCH_CPU_INDEX="https://download.pytorch.org/whl/cpu"
 SCRIPT_PATH="$(readlink -f "${BASH_SOURCE[0]}" 2>/dev/null || echo "${BASH_SOURCE[0]}")"
 SCRIPT_DIR="$(cd "$(dirname "$SCRIPT_PATH")" && pwd)"
@@ -303,7 +306,7 @@ install_service() {
     say "installed edge-rt-agent.service; start it with: sudo systemctl enable --now edge-rt-agent"
 }
 
-smoke_test() {
+torch_check() {  # -> the exit code of a matmul + backward + import edge_runtime in a child
     say "checking the install (importing torch can take a while on a small device)"
     local rc=0
     # A 128x128 matmul and its backward: big enough to reach the BLAS kernels, where a wheel
@@ -319,6 +322,22 @@ import edge_runtime
 print(f"  torch {torch.__version__} (cuda build: {torch.version.cuda or 'no'}), "
       f"edge_runtime from {edge_runtime.__file__}, {time.monotonic() - t0:.1f} s")
 EOF
+    return "$rc"
+}
+
+smoke_test() {
+    local rc=0
+    torch_check || rc=$?
+    if [ "$rc" -eq 132 ] && [ "$(uname -m)" = aarch64 ] \
+            && [ "$TORCH_VERSION" != "$TORCH_ARMV80_VERSION" ]; then
+        say "torch $TORCH_VERSION died with an illegal instruction on this core (ARMv8.0, e.g. a"
+        say "Raspberry Pi 4); installing torch $TORCH_ARMV80_VERSION, which runs on it"
+        TORCH_VERSION="$TORCH_ARMV80_VERSION"
+        [ "$TORCH_INDEX" = "$TORCH_CPU_INDEX" ] || TORCH_INDEX=pypi  # 2.5.1 aarch64 on PyPI: CPU-only
+        install_torch
+        rc=0
+        torch_check || rc=$?
+    fi
     if [ "$rc" -eq 132 ]; then
         die "torch crashed with an illegal instruction: this torch wheel uses CPU instructions
   this processor lacks (Raspberry Pi 3/4 cores, Cortex-A53/A72, are ARMv8.0 without the LSE
