@@ -115,3 +115,31 @@ def test_one_lying_device_cannot_take_over_the_aggregate(tmp_path: Path,
     assert "norm" not in clipped["flip"] and defaults["flip"] < 0.6
     # trimmed mean bounds all four
     assert max(trimmed.values()) <= 0.3, trimmed
+
+
+@pytest.mark.parametrize("cap,want", [("plan", 4), ("registered", 10), ("none", 10**6)])
+def test_weight_cap_modes_and_the_record_survive_a_restart(tmp_path: Path, cap: str,
+                                                           want: int) -> None:
+    from edge_runtime.config import FleetConfig, StrategyConfig, StrategyName, TrainConfig
+    from edge_runtime.fl.types import ClientPlan
+    from edge_runtime.planning import Planner
+    from edge_runtime.rounds.server import AggregatorService
+    from tests.fleet.test_aggregator import FP, SHAPE, SHAPES, Clock, register, send, trained
+
+    def service() -> AggregatorService:
+        st = StrategyConfig(StrategyName.FEDAVG)
+        return AggregatorService(FleetConfig(rounds=1, weight_cap=cap), st,
+                                 TrainConfig(steps=2, batch_size=2),  # plan: 4 samples
+                                 Planner(SHAPE, st, steps=2, deadline_s=30.0), SHAPES, FP,
+                                 tmp_path / "state", clock=Clock())
+
+    svc = service()
+    register(svc, {"a": "pi4", "b": "pi5"})  # each registers 10 rows
+    opened = svc.plan_round()
+    plan = ClientPlan.from_json(opened.announcement.devices["a"].plan)
+    assert send(svc, "a", trained(plan, 1), n=10**6).accepted
+    again = service()  # a restart re-folds the journal with the capped weight
+    rec = again.close_round()
+    assert rec is not None
+    got = rec.clipped.get("a", {}).get("n_samples")
+    assert (got is None) if cap == "none" else (got == [1e6, float(want)])
