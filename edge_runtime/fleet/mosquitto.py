@@ -24,7 +24,7 @@ from types import TracebackType
 
 from edge_runtime.errors import UserError
 
-__all__ = ["find_mosquitto", "fleet_acl", "LocalMosquitto", "AGGREGATOR_USER"]
+__all__ = ["find_mosquitto", "fleet_acl", "LocalMosquitto", "AGGREGATOR_USER", "stop_process"]
 
 AGGREGATOR_USER = "aggregator"
 
@@ -50,6 +50,17 @@ def fleet_acl(prefix: str = "edge-rt") -> str:
             f"pattern read {prefix}/+/agg/#\n\n"
             f"user {AGGREGATOR_USER}\n"
             f"topic readwrite {prefix}/#\n")
+
+
+def stop_process(proc: subprocess.Popen[bytes] | None, timeout_s: float = 5.0) -> None:
+    """Terminate a child (SIGTERM, then SIGKILL after `timeout_s`) if it still runs."""
+    if proc is not None and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout_s)
 
 
 def _free_port() -> int:
@@ -150,13 +161,7 @@ class LocalMosquitto:
         raise UserError(f"mosquitto did not listen on port {self.port} within {timeout_s} s")
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc)
         self.proc = None
         if self._dir is not None:
             self._dir.cleanup()

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from edge_runtime.fleet.mosquitto import stop_process
+
 MOSQUITTO = shutil.which("mosquitto") or ("/usr/sbin/mosquitto"
                                           if os.path.exists("/usr/sbin/mosquitto") else None)
 
@@ -80,13 +82,7 @@ class Mosquitto:
         wait_port(self.port)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc)
         self.proc = None
 
     def restart(self, down_s: float = 0.5) -> None:
