@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from edge_runtime.config import GenerateConfig
 from edge_runtime.errors import CheckpointError, UserError
@@ -42,7 +43,7 @@ def generate_llama_cpp(model: str, prompt: str, cfg: GenerateConfig,
                         "llama-cpp-python (it builds llama.cpp from source)") from None
     base = _gguf_path(model)
     with tempfile.TemporaryDirectory(prefix="edge-rt-lora-") as tmp:
-        kw: dict[str, object] = {}
+        lora_path: str | None = None
         if adapter:
             from edge_runtime.adapter_io import load_adapter
             from edge_runtime.checkpoints import load_model
@@ -50,16 +51,16 @@ def generate_llama_cpp(model: str, prompt: str, cfg: GenerateConfig,
 
             loaded = load_model(str(base))
             ad, _meta = load_adapter(adapter, expect_fingerprint=loaded.fingerprint)
-            kw["lora_path"] = str(write_lora_gguf(ad, loaded.model.config,
-                                                  Path(tmp) / "lora.gguf"))
+            lora_path = str(write_lora_gguf(ad, loaded.model.config, Path(tmp) / "lora.gguf"))
             del loaded
         llm = llama_cpp.Llama(model_path=str(base), n_ctx=2048, seed=cfg.seed, verbose=False,
-                              n_threads=threads, **kw)
-        sample = {"max_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
-                  "top_k": cfg.top_k or 0 if cfg.temperature > 0 else 1}
+                              n_threads=threads, lora_path=lora_path)
+        top_k = (cfg.top_k or 0) if cfg.temperature > 0 else 1
         if cfg.raw:
-            out = llm.create_completion(prompt, **sample)
+            out: Any = llm.create_completion(prompt, max_tokens=cfg.max_new_tokens,
+                                             temperature=cfg.temperature, top_k=top_k)
             return str(out["choices"][0]["text"])
-        chat = llm.create_chat_completion(messages=[{"role": "user", "content": prompt}],
-                                          **sample)
+        chat: Any = llm.create_chat_completion(
+            messages=[{"role": "user", "content": prompt}], max_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature, top_k=top_k)
         return str(chat["choices"][0]["message"]["content"])

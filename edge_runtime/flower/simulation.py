@@ -55,7 +55,7 @@ def run_flower(service: AggregatorService, devices: list[SimDevice], run: RunCon
     from edge_runtime.flower.client import make_client_app
     from edge_runtime.flower.strategy import LoRARoundStrategy, adapter_arrays
 
-    strategy = LoRARoundStrategy(service, timeout_s=timeout_s)
+    strategy = LoRARoundStrategy(service, timeout_s=timeout_s, min_nodes=len(devices))
     server_app = ServerApp()
 
     @server_app.main()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -45,14 +46,21 @@ def adapter_arrays(adapter: Adapter) -> ArrayRecord:
 class LoRARoundStrategy(Strategy):
     """Flower `Strategy` driving `service` (built with `rounds.build.build_service`)."""
 
-    def __init__(self, service: AggregatorService, timeout_s: float = 600.0) -> None:
+    def __init__(self, service: AggregatorService, timeout_s: float = 600.0,
+                 min_nodes: int | None = None) -> None:
         self.svc = service
         self.timeout_s = timeout_s
+        # nodes to wait for before round 1 (Flower's nodes come up after the ServerApp)
+        self.min_nodes = min_nodes if min_nodes is not None else service.cfg.min_clients
         self.node_of: dict[str, int] = {}  # device id -> Flower node id
 
     # registration ---------------------------------------------------------------------
     def _register(self, grid: Grid) -> None:
+        end = time.monotonic() + self.timeout_s
         nodes = list(grid.get_node_ids())
+        while len(nodes) < self.min_nodes and time.monotonic() < end:
+            time.sleep(0.2)
+            nodes = list(grid.get_node_ids())
         msgs = [Message(content=RecordDict({"config": ConfigRecord({"what": "register"})}),
                         message_type=MessageType.QUERY, dst_node_id=n) for n in nodes]
         for reply in grid.send_and_receive(msgs, timeout=self.timeout_s):
@@ -76,7 +84,7 @@ class LoRARoundStrategy(Strategy):
     # Flower's Strategy ------------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        if not self.node_of:
+        if len(self.node_of) < self.min_nodes:
             self._register(grid)
         if self.svc.finished:
             return []
