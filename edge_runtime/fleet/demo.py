@@ -110,8 +110,8 @@ def run_demo(run: RunConfig, out: Path, broker_url: str | None = None,
     else:
         broker = EmbeddedBroker().start()
         url = f"mqtt://127.0.0.1:{broker.port}"
-        _say(f"embedded MQTT broker on {url} (mosquitto is not installed: apt-get install "
-             "mosquitto; no passwords, no ACL)")
+        _say(f"embedded MQTT broker on {url} (no mosquitto found, or EDGE_RT_MOSQUITTO=none; "
+             "apt-get install mosquitto for the production setup; no passwords, no ACL)")
     try:
         return _run_fleet(run, out, url, passwords, device_ids, files, eval_rows,
                           join_timeout_s, t_start, http_port, http_linger_s)
