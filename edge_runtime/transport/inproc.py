@@ -8,6 +8,8 @@ match the MQTT transport. Devices run one after another on one shared model.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 
 from edge_runtime.checkpoints import LoadedModel
 from edge_runtime.config import Compression
@@ -18,15 +20,51 @@ from edge_runtime.rounds.device import RoundTask, run_local_round
 from edge_runtime.rounds.server import AggregatorService, RoundRecord
 from edge_runtime.transport.scheduler import SimDevice, SimScheduler
 
-__all__ = ["run_inproc"]
+__all__ = ["run_inproc", "local_trainer", "Job", "TrainJobs"]
 
 log = logging.getLogger(__name__)
 
 
-def run_inproc(service: AggregatorService, devices: list[SimDevice], loaded: LoadedModel,
-               scheduler: SimScheduler, compression: Compression) -> list[RoundRecord]:
-    """Run every remaining round of `service` with `devices`; returns the merged records."""
+@dataclass
+class Job:
+    """One device's training in one round: its download and its task."""
+
+    device_id: str
+    download: bytes
+    task: RoundTask
+
+
+# Trains a round's jobs; yields (device id, update payload, n_samples) in job order.
+TrainJobs = Callable[[list[Job]], Iterable[tuple[str, bytes, int]]]
+
+
+def local_trainer(devices: list[SimDevice], loaded: LoadedModel,
+                  compression: Compression) -> TrainJobs:
+    """Devices trained one after another on this process's model."""
     by_id = {d.device_id: d for d in devices}
+
+    def train(jobs: list[Job]) -> Iterator[tuple[str, bytes, int]]:
+        for j in jobs:
+            start, _meta = decode_adapter(j.download)
+            res = run_local_round(loaded.model, loaded.tokenizer, by_id[j.device_id].examples,
+                                  start, j.task, device_id=j.device_id,
+                                  fingerprint=loaded.fingerprint,
+                                  compression=compression.value)
+            yield j.device_id, res.payload, res.n_samples
+
+    return train
+
+
+def run_inproc(service: AggregatorService, devices: list[SimDevice], loaded: LoadedModel,
+               scheduler: SimScheduler, compression: Compression,
+               train: TrainJobs | None = None) -> list[RoundRecord]:
+    """Run every remaining round of `service` with `devices`; returns the merged records.
+
+    `train`: where the devices' local training runs (default `local_trainer`; the Ray
+    backend passes its actor pool). Everything else, the round engine and the scheduler,
+    is the same.
+    """
+    train = train or local_trainer(devices, loaded, compression)
     for d in devices:
         refusal = service.register(Register(d.device_id, loaded.fingerprint, len(d.examples),
                                             d.profile, d.device_class))
@@ -36,21 +74,19 @@ def run_inproc(service: AggregatorService, devices: list[SimDevice], loaded: Loa
     while not service.finished:
         opened = service.plan_round()
         ann = opened.announcement
+        jobs = []
         for dev in sorted(ann.devices):
             dp = ann.devices[dev]
             _, data = opened.downloads[dp.global_transfer_id]
-            start, _meta = decode_adapter(data)
             task = RoundTask.from_announced(ann.round, dp.plan, ann.strategy, dp.train)
-            if not scheduler.will_train(dev, ann.round, len(data), task):
+            if scheduler.will_train(dev, ann.round, len(data), task):
+                jobs.append(Job(dev, data, task))
+        for dev, payload, n in train(jobs):
+            if not scheduler.will_send(dev, ann.round, len(payload)):
                 continue
-            res = run_local_round(loaded.model, loaded.tokenizer, by_id[dev].examples, start,
-                                  task, device_id=dev, fingerprint=loaded.fingerprint,
-                                  compression=compression.value)
-            if not scheduler.will_send(dev, ann.round, len(res.payload)):
-                continue
-            m = make_manifest(res.payload, kind="update", round=ann.round, device_id=dev,
-                              compression=compression.value, meta={"n_samples": res.n_samples})
-            service.accept_update(dev, m, res.payload)
+            m = make_manifest(payload, kind="update", round=ann.round, device_id=dev,
+                              compression=compression.value, meta={"n_samples": n})
+            service.accept_update(dev, m, payload)
         rec = None
         while rec is None:  # below quorum: simulated failures are final, extensions bring none
             rec = service.close_round(duration_s=scheduler.duration(ann.round))
