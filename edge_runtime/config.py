@@ -624,7 +624,8 @@ class AgentConfig:
 
 
 __all__ += ["MqttConfig", "FleetConfig", "Compression", "AgentConfig", "DEVICE_ID_RE",
-            "WeightCap", "parse_robust"]
+            "WeightCap", "parse_robust", "check_robust", "ROBUST_FACTOR_STRATEGIES",
+            "ROBUST_PRODUCT_STRATEGIES"]
 
 
 # --- Profiler (edge_runtime/profiler) ------------------------------------------------------
@@ -709,6 +710,22 @@ class StrategyName(str, enum.Enum):
     SA_FEDLORA = "sa-fedlora"
     LEGEND = "legend"
     FLORA = "flora"
+
+
+# Strategies whose aggregate is an average, so a robust statistic can replace it
+# (`fl.robust`): over zero-padded factors, or over dense products.
+ROBUST_FACTOR_STRATEGIES = (StrategyName.FEDAVG, StrategyName.HETLORA, StrategyName.LEGEND)
+ROBUST_PRODUCT_STRATEGIES = (StrategyName.FLEXLORA,)
+
+
+def check_robust(strategy: StrategyName, spec: str) -> tuple[str, float]:
+    """`parse_robust(spec)`, refused for a strategy without a robust form."""
+    mode, beta = parse_robust(spec)
+    if mode != "none" and strategy not in ROBUST_FACTOR_STRATEGIES + ROBUST_PRODUCT_STRATEGIES:
+        raise ConfigError(f"fleet.robust {spec!r} is not available for {strategy.value} (its "
+                          "aggregate is not a plain average); use it with fedavg, hetlora, "
+                          "legend or flexlora")
+    return mode, beta
 
 
 @dataclass
@@ -990,12 +1007,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         self.train.seed = self.seed  # the run has one seed
-        robust_ok = (StrategyName.FEDAVG, StrategyName.HETLORA, StrategyName.LEGEND,
-                     StrategyName.FLEXLORA)
-        if parse_robust(self.fleet.robust)[0] != "none" and self.strategy.name not in robust_ok:
-            raise ConfigError(f"fleet.robust {self.fleet.robust!r} is not available for "
-                              f"{self.strategy.name.value} (its aggregate is not a plain "
-                              "average); use it with fedavg, hetlora, legend or flexlora")
+        check_robust(self.strategy.name, self.fleet.robust)
 
     def to_json(self) -> dict:
         """A run file's content (what `from_dict` reads back): train.seed is the run's seed,

@@ -25,7 +25,7 @@ import math
 import torch
 
 from edge_runtime.adapter import Adapter
-from edge_runtime.config import ConfigError, StrategyName, parse_robust
+from edge_runtime.config import ROBUST_FACTOR_STRATEGIES, StrategyName, check_robust
 from edge_runtime.fl.types import (
     ClientUpdate,
     check_update,
@@ -35,10 +35,8 @@ from edge_runtime.fl.types import (
     scaled_b,
 )
 
-__all__ = ["parse_robust", "robust_stat", "RobustFactorAccumulator",
+__all__ = ["robust_stat", "RobustFactorAccumulator",
            "RobustProductAccumulator", "robust_accumulator"]
-
-_FACTOR = (StrategyName.FEDAVG, StrategyName.HETLORA, StrategyName.LEGEND)
 
 
 def robust_stat(x: torch.Tensor, mode: str, beta: float = 0.0) -> torch.Tensor:
@@ -134,14 +132,10 @@ def robust_accumulator(name: StrategyName, global_adapter: Adapter, spec: str
     Raises:
         ConfigError: the strategy has no robust form here.
     """
-    mode, beta = parse_robust(spec)
+    mode, beta = check_robust(name, spec)
     if mode == "none":
         return None
-    if name in _FACTOR:
+    if name in ROBUST_FACTOR_STRATEGIES:
         return RobustFactorAccumulator(global_adapter, mode, beta,
                                        allow_subset=name is StrategyName.LEGEND)
-    if name is StrategyName.FLEXLORA:
-        return RobustProductAccumulator(global_adapter, mode, beta)
-    raise ConfigError(f"fleet.robust {spec!r} is not available for {name.value} (its "
-                      "aggregate is not a plain average); use it with fedavg, hetlora, "
-                      "legend or flexlora")
+    return RobustProductAccumulator(global_adapter, mode, beta)
