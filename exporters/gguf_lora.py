@@ -19,40 +19,22 @@ import math
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from edge_runtime.adapter import Adapter
+from edge_runtime.checkpoints.gguf.loader import gguf_name, permute_qk
 from edge_runtime.errors import AdapterMismatchError, CheckpointError
 from edge_runtime.model import ModelConfig
 
-__all__ = ["gguf_tensor_name", "permute_qk", "write_lora_gguf"]
-
-_MODULE_TO_GGUF = {
-    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-}
-
+__all__ = ["gguf_tensor_name", "write_lora_gguf"]
 
 def gguf_tensor_name(module: str) -> str:
-    """`model.layers.3.self_attn.q_proj` -> `blk.3.attn_q.weight`."""
-    parts = module.split(".")
-    if len(parts) != 5 or parts[:2] != ["model", "layers"]:
+    """`model.layers.3.self_attn.q_proj` -> `blk.3.attn_q.weight` (the loader's name map)."""
+    if not module.startswith("model.layers."):
         raise AdapterMismatchError(f"adapter module {module!r} is not a decoder linear")
-    kind = _MODULE_TO_GGUF.get(".".join(parts[3:]))
-    if kind is None:
-        raise AdapterMismatchError(f"adapter module {module!r} has no llama.cpp tensor")
-    return f"blk.{int(parts[2])}.{kind}.weight"
-
-
-def permute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
-    """HF rotate-half row order -> llama.cpp's interleaved pairs (rows = n_head * hd).
-
-    The inverse of `checkpoints.gguf.loader.unpermute_qk`: (H, 2, hd/2, d) -> (H, hd/2, 2, d).
-    """
-    rows, d = w.shape
-    hd = rows // n_head
-    return w.reshape(n_head, 2, hd // 2, d).transpose(1, 2).reshape(rows, d)
+    try:
+        return gguf_name(f"{module}.weight")
+    except CheckpointError:
+        raise AdapterMismatchError(f"adapter module {module!r} has no llama.cpp tensor") from None
 
 
 def write_lora_gguf(adapter: Adapter, cfg: ModelConfig, path: str | Path,

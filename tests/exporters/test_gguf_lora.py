@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from edge_runtime.adapter import LoRAWeights
-from edge_runtime.checkpoints.gguf.loader import unpermute_qk
+from edge_runtime.checkpoints.gguf.loader import permute_qk, unpermute_qk
 from edge_runtime.cli import main
 from edge_runtime.errors import AdapterMismatchError
 from edge_runtime.model import ModelConfig
-from exporters.gguf_lora import gguf_tensor_name, permute_qk, write_lora_gguf
+from exporters.gguf_lora import gguf_tensor_name, write_lora_gguf
 
 CFG = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=48)
 
@@ -67,6 +67,9 @@ def test_bad_adapters_are_refused(tmp_path: Path) -> None:
         write_lora_gguf(ad, CFG, tmp_path / "x.gguf")
     with pytest.raises(AdapterMismatchError):
         gguf_tensor_name("lm_head")
+    with pytest.raises(AdapterMismatchError):
+        gguf_tensor_name("model.layers.0.self_attn.rotary")
+    assert gguf_tensor_name("model.layers.3.mlp.down_proj") == "blk.3.ffn_down.weight"
 
 
 def test_cli_exports_a_trained_adapter(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -33,6 +33,7 @@ from edge_runtime.model import CausalLM, ModelConfig
 from edge_runtime.tokenizer import Tokenizer
 
 __all__ = ["load_gguf", "open_gguf", "gguf_config", "dequantize_tensor", "unpermute_qk",
+           "permute_qk", "gguf_name",
            "SUPPORTED_TYPES", "SUPPORTED_ARCHS"]
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,14 @@ def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return (w.reshape(n_head, hd // 2, 2, d)  # (H, hd/2, 2, d): llama.cpp pairs
              .transpose(1, 2)  # (H, 2, hd/2, d): halves
              .reshape(rows, d))
+
+
+def permute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """The inverse of `unpermute_qk`: HF rotate-half rows -> llama.cpp's interleaved pairs,
+    (H, 2, hd/2, d) -> (H, hd/2, 2, d)."""
+    rows, d = w.shape
+    hd = rows // n_head
+    return w.reshape(n_head, 2, hd // 2, d).transpose(1, 2).reshape(rows, d)
 
 
 def _check_type(t: Any) -> Any:
@@ -200,6 +209,22 @@ def _hf_name(gguf_name: str) -> str:
     raise CheckpointError(
         f"GGUF tensor {gguf_name!r} is not part of a supported Llama-family model"
     )
+
+
+_HF_BLOCK_NAMES = {hf: g for g, hf in _BLOCK_NAMES.items()}
+_HF_BLOCK_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+
+
+def gguf_name(hf_name: str) -> str:
+    """The inverse of `_hf_name`: `model.layers.3.self_attn.q_proj.weight` ->
+    `blk.3.attn_q.weight` (the names llama.cpp gives the same tensors)."""
+    for g, hf in _GLOBAL_NAMES.items():
+        if hf == hf_name:
+            return g
+    m = _HF_BLOCK_RE.match(hf_name)
+    if m and m.group(2) in _HF_BLOCK_NAMES:
+        return f"blk.{m.group(1)}.{_HF_BLOCK_NAMES[m.group(2)]}"
+    raise CheckpointError(f"{hf_name!r} has no GGUF tensor name in a Llama-family model")
 
 
 def load_gguf(path: str | Path, *, quant: QuantMode = QuantMode.NONE,
