@@ -41,6 +41,20 @@ _TO_GGUF_BLOCK = {
 }
 
 
+SENTIMENT_FIX = Path(__file__).parent / "datasets" / "fixtures" / "sentiment"
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The vendored sentiment slices split over 3 clients (no download): the simulated
+    fleets' data in the simulator, transport, Flower and compare tests."""
+    from edge_runtime.datasets.build import pull_dataset
+
+    out = tmp_path_factory.mktemp("sent")
+    pull_dataset("sentiment", out, n_clients=3, raw=SENTIMENT_FIX)
+    return out
+
+
 @pytest.fixture(scope="session")
 def real_gguf() -> Path:
     """Path of the real SmolLM2-135M-Instruct Q4_1 GGUF, pulled into the cache once."""

@@ -10,11 +10,8 @@ import pytest
 
 from edge_runtime.cli import main
 from edge_runtime.compare import load_compare, run_compare
-from edge_runtime.datasets.build import pull_dataset
 from edge_runtime.errors import ConfigError
 from edge_runtime.simulation import run_simulation
-
-FIX = Path(__file__).parent / "datasets" / "fixtures" / "sentiment"
 
 SPEC = """
 [base]
@@ -37,13 +34,6 @@ strategy = {{name = "hetlora"}}
 strategy = {{name = "fedavg"}}
 adapter = {{r_max = 2}}
 """
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("sent")
-    pull_dataset("sentiment", out, n_clients=3, raw=FIX)
-    return out
 
 
 @pytest.mark.slow

@@ -8,20 +8,11 @@ import pytest
 
 from edge_runtime.cli import main
 from edge_runtime.config import RunConfig
-from edge_runtime.datasets.build import pull_dataset
 from edge_runtime.fl.registry import STRATEGIES
 from edge_runtime.rounds.server import ROUND_KEYS
 from edge_runtime.simulation import run_simulation
 
-FIX = Path(__file__).parent / "datasets" / "fixtures" / "sentiment"
 CLASSES = "rpi4-2gb,rpi5-4gb,android-flagship-12gb"
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sent")
-    pull_dataset("sentiment", out, n_clients=3, raw=FIX)
-    return out
 
 
 def small(method: str, folder: Path, **sections) -> RunConfig:

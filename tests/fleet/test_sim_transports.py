@@ -8,20 +8,10 @@ from pathlib import Path
 import pytest
 
 from edge_runtime.config import MqttConfig, RunConfig
-from edge_runtime.datasets.build import pull_dataset
 from edge_runtime.fl.registry import STRATEGIES
 from edge_runtime.simulation import run_simulation
 
 from .helpers import Runner, make_agent, make_run, make_service, start_aggregator, write_demo_data
-
-FIX = Path(__file__).parents[1] / "datasets" / "fixtures" / "sentiment"
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("sent")
-    pull_dataset("sentiment", out, n_clients=3, raw=FIX)
-    return out
 
 
 def _run(strategy: str, data: Path, transport: str, broker: str | None = None,

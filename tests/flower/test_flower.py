@@ -10,19 +10,8 @@ import pytest
 pytest.importorskip("flwr", reason="the flower extra: pip install 'edge-runtime[flower]'")
 
 from edge_runtime.config import RunConfig, load_run_file  # noqa: E402
-from edge_runtime.datasets.build import pull_dataset  # noqa: E402
 from edge_runtime.fleet.codec import decode_adapter  # noqa: E402
 from edge_runtime.simulation import run_simulation  # noqa: E402
-
-FIX = Path(__file__).parents[1] / "datasets" / "fixtures" / "sentiment"
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("sent")
-    pull_dataset("sentiment", out, n_clients=3, raw=FIX)
-    return out
-
 
 EXAMPLE = Path(__file__).parents[2] / "examples" / "flower" / "run.toml"
 
