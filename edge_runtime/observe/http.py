@@ -19,7 +19,7 @@ from importlib import resources
 from typing import Any
 
 from edge_runtime.errors import UserError
-from edge_runtime.observe.status import status_document
+from edge_runtime.observe.status import PlanCache, status_document
 from edge_runtime.rounds.server import AggregatorService
 
 __all__ = ["ObserveServer"]
@@ -32,6 +32,7 @@ class ObserveServer:
 
     def __init__(self, svc: AggregatorService, host: str = "127.0.0.1", port: int = 0) -> None:
         self.svc = svc
+        plans = PlanCache()
         page = resources.files("edge_runtime.observe").joinpath("status.html").read_bytes()
         registry: Any = None
         try:
@@ -48,7 +49,7 @@ class ObserveServer:
                 if path in ("/", "/index.html"):
                     self._send(200, "text/html; charset=utf-8", page)
                 elif path == "/status.json":
-                    body = json.dumps(status_document(outer.svc)).encode()
+                    body = json.dumps(status_document(outer.svc, plans)).encode()
                     self._send(200, "application/json", body)
                 elif path == "/metrics" and registry is not None:
                     from edge_runtime.observe.prometheus import metrics_text

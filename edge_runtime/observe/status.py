@@ -13,7 +13,7 @@ from typing import Any
 
 from edge_runtime.rounds.server import AggregatorService
 
-__all__ = ["status_document"]
+__all__ = ["status_document", "PlanCache"]
 
 
 def _plan_summary(plan: dict[str, Any]) -> dict[str, Any]:
@@ -22,7 +22,7 @@ def _plan_summary(plan: dict[str, Any]) -> dict[str, Any]:
             "depth": len({n.split(".")[2] for n in ranks}), "modules": len(ranks)}
 
 
-class _PlanCache:
+class PlanCache:
     """Every device's plan now (the planner's answer), recomputed once per round."""
 
     def __init__(self) -> None:
@@ -36,10 +36,7 @@ class _PlanCache:
         return self.plans
 
 
-_CACHES: dict[int, _PlanCache] = {}
-
-
-def _snapshot(svc: AggregatorService) -> dict[str, Any]:
+def _snapshot(svc: AggregatorService, cache: PlanCache) -> dict[str, Any]:
     now = svc.clock()
     op = svc.open
     accepted = set(svc.accepted)
@@ -52,7 +49,7 @@ def _snapshot(svc: AggregatorService) -> dict[str, Any]:
                     "selected": selected, "arrived": sorted(accepted & set(selected)),
                     "late": sorted(set(selected) - accepted) if now > op.deadline_unix else [],
                     "extensions": op.extensions}
-    plans = _CACHES.setdefault(id(svc), _PlanCache()).get(svc)
+    plans = cache.get(svc)
     devices = []
     for dev, rec in sorted(svc.devices.items()):
         seen = svc.last_seen.get(dev)
@@ -92,11 +89,14 @@ def _snapshot(svc: AggregatorService) -> dict[str, Any]:
     }
 
 
-def status_document(svc: AggregatorService, attempts: int = 5) -> dict[str, Any]:
-    """The status JSON of `svc` now (see the module docstring)."""
+def status_document(svc: AggregatorService, cache: PlanCache | None = None,
+                    attempts: int = 5) -> dict[str, Any]:
+    """The status JSON of `svc` now (see the module docstring); `cache` keeps the plans
+    between calls (the HTTP endpoint holds one)."""
+    cache = cache or PlanCache()
     for _ in range(attempts - 1):
         try:
-            return _snapshot(svc)
+            return _snapshot(svc, cache)
         except RuntimeError:  # a dict changed size under us: read again
             continue
-    return _snapshot(svc)
+    return _snapshot(svc, cache)

@@ -550,7 +550,7 @@ class AggregatorService:
         """Adaptive clipping at the close: updates whose change of the model is above
         `clip_multiple` x the round's median are pulled back (`fl.clipping`) and the
         round is folded again, in arrival order."""
-        from edge_runtime.fl.clipping import adaptive_bound, clip_to
+        from edge_runtime.fl.clipping import adaptive_bound, change_norm, clip_to
 
         updates = {}
         for f in sorted(self._journal_dir(self.round).glob("*.bin")):
@@ -559,8 +559,6 @@ class AggregatorService:
         order = [d for d in self._accepted if d in updates]
         if len(order) < self.cfg.clip_min_updates:
             return
-        from edge_runtime.fl.clipping import change_norm
-
         starts = {d: self._start_of(d) for d in order}
         norms = {d: change_norm(updates[d][0], starts[d]) for d in order}
         bound = adaptive_bound(list(norms.values()), self.cfg.clip_multiple)
