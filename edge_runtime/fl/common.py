@@ -11,9 +11,11 @@ from edge_runtime.adapter import Adapter, LoRAWeights
 from edge_runtime.fl.types import (
     ClientPlan,
     ClientUpdate,
+    PartialSum,
     UpdateMismatchError,
     check_update,
     from_scaled_b,
+    part_shape,
     scaled_b,
 )
 
@@ -71,14 +73,42 @@ class PaddedSum:
         sb = scaled_b(w)  # (d_out, r_k), float64
         a = w.lora_a.double()  # (r_k, d_in)
         if name not in self.sum_b:
-            self.sum_b[name] = torch.zeros(g.d_out, r_g, dtype=torch.float64)
-            self.sum_a[name] = torch.zeros(r_g, g.d_in, dtype=torch.float64)
-            self.weight[name] = 0.0
-            self.component_weight[name] = torch.zeros(r_g, dtype=torch.float64)
+            self._zeros(name)
         self.sum_b[name][:, : w.rank] += weight * sb
         self.sum_a[name][: w.rank] += weight * a
         self.weight[name] += weight
         self.component_weight[name][: w.rank] += weight
+
+    def _zeros(self, name: str) -> None:
+        g = self.global_adapter[name]
+        self.sum_b[name] = torch.zeros(g.d_out, g.rank, dtype=torch.float64)
+        self.sum_a[name] = torch.zeros(g.rank, g.d_in, dtype=torch.float64)
+        self.weight[name] = 0.0
+        self.component_weight[name] = torch.zeros(g.rank, dtype=torch.float64)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The running sums as `{module}/{sb,a,w,cw}` (float64)."""
+        out: dict[str, torch.Tensor] = {}
+        for name in self.sum_b:
+            out[f"{name}/sb"] = self.sum_b[name]
+            out[f"{name}/a"] = self.sum_a[name]
+            out[f"{name}/w"] = torch.tensor([self.weight[name]], dtype=torch.float64)
+            out[f"{name}/cw"] = self.component_weight[name]
+        return out
+
+    def merge(self, mods: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Add another PaddedSum's `tensors()` (checked against this global's shapes)."""
+        for name in mods:
+            g = self.global_adapter[name]
+            parts = {p: part_shape(mods, name, p, s).double() for p, s in
+                     (("sb", (g.d_out, g.rank)), ("a", (g.rank, g.d_in)), ("w", (1,)),
+                      ("cw", (g.rank,)))}
+            if name not in self.sum_b:
+                self._zeros(name)
+            self.sum_b[name] += parts["sb"]
+            self.sum_a[name] += parts["a"]
+            self.weight[name] += float(parts["w"][0])
+            self.component_weight[name] += parts["cw"]
 
     def result(self) -> Adapter:
         out: Adapter = {}
@@ -141,3 +171,10 @@ class PaddedAccumulator:
     def result(self) -> Adapter:
         """The weighted average; modules nobody sent keep the global factors."""
         return self._sum.result()
+
+    def partial(self) -> PartialSum:
+        return PartialSum("padded", self._sum.tensors(), self._count)
+
+    def merge(self, partial: PartialSum) -> None:
+        self._sum.merge(partial.expect("padded", self.global_adapter))
+        self._count += partial.count

@@ -48,9 +48,11 @@ from edge_runtime.fl.svd import (
 from edge_runtime.fl.types import (
     ClientPlan,
     ClientUpdate,
+    PartialSum,
     StrategyBase,
     UpdateMismatchError,
     check_update,
+    part_shape,
 )
 
 __all__ = ["FlexLoRA", "FlexLoRAAccumulator", "svd_to_lora",
@@ -165,28 +167,72 @@ class FlexLoRAAccumulator:
             st.gram += za.t()
         st.dense.addmm_(b, a)
 
+    def _add_factors(self, name: str, st: _ModuleState, b: torch.Tensor, a: torch.Tensor) -> None:
+        """Fold n s B (d_out, k) and A (k, d_in): stacked while cheap, dense once not."""
+        g = self.global_adapter[name]
+        mode = self.cfg.mode
+        st.stacked_rank += int(a.shape[0])
+        dense_now = mode in ("streaming", "randomized", "full") or (
+            mode == "auto" and st.stacked_rank >= min(g.d_out, g.d_in))
+        if dense_now and st.dense is None:
+            self._to_dense(st, g.d_out, g.d_in, g.rank)
+        if st.dense is not None:
+            self._fold(st, b, a)
+        else:
+            st.b_parts.append(b)
+            st.a_parts.append(a)
+
     def add(self, update: ClientUpdate) -> None:
         check_update(update, self.global_adapter, allow_subset=update.plan is None)
         n = float(update.num_samples)
-        mode = self.cfg.mode
         for name, w in update.adapter.items():
-            g = self.global_adapter[name]
             st = self._state.setdefault(name, _ModuleState())
-            b = w.lora_b.to(self.dtype) * (w.scale * n)  # (d_out, r_k)
-            a = w.lora_a.to(self.dtype)  # (r_k, d_in)
             st.weight += n
             st.clients += 1
-            st.stacked_rank += w.rank
-            dense_now = mode in ("streaming", "randomized", "full") or (
-                mode == "auto" and st.stacked_rank >= min(g.d_out, g.d_in))
-            if dense_now and st.dense is None:
-                self._to_dense(st, g.d_out, g.d_in, g.rank)
-            if st.dense is not None:
-                self._fold(st, b, a)
-            else:
-                st.b_parts.append(b)
-                st.a_parts.append(a)
+            self._add_factors(name, st, w.lora_b.to(self.dtype) * (w.scale * n),
+                              w.lora_a.to(self.dtype))
         self._count += 1
+
+    def partial(self) -> PartialSum:
+        """Per module `n` = [weight, clients, stacked rank] and either the stacked factors
+        (`b` = [n_k s_k B_k], `a` = [A_k]) or the dense sum (`dense`)."""
+        out: dict[str, torch.Tensor] = {}
+        for name, st in self._state.items():
+            out[f"{name}/n"] = torch.tensor([st.weight, st.clients, st.stacked_rank],
+                                            dtype=torch.float64)
+            if st.dense is not None:
+                out[f"{name}/dense"] = st.dense
+            elif st.b_parts:
+                out[f"{name}/b"] = torch.cat(st.b_parts, 1)
+                out[f"{name}/a"] = torch.cat(st.a_parts, 0)
+        return PartialSum("flexlora", out, self._count)
+
+    def merge(self, partial: PartialSum) -> None:
+        """Add a site's state: its stacked factors fold in like one update; a dense sum
+        is added to ours (made dense first), and the Gram is recomputed from the sum."""
+        mods = partial.expect("flexlora", self.global_adapter)
+        for name, parts in mods.items():
+            g = self.global_adapter[name]
+            counts = part_shape(mods, name, "n", (3,))
+            st = self._state.setdefault(name, _ModuleState())
+            st.weight += float(counts[0])
+            st.clients += int(counts[1])
+            if "dense" in parts:
+                d = part_shape(mods, name, "dense", (g.d_out, g.d_in)).to(self.dtype)
+                if st.dense is None:
+                    self._to_dense(st, g.d_out, g.d_in, g.rank)
+                assert st.dense is not None
+                st.dense += d
+                st.stacked_rank += int(counts[2])
+                if st.gram is not None:
+                    d64 = st.dense.double()
+                    st.gram = d64.t() @ d64 if g.d_in <= g.d_out else d64 @ d64.t()
+            elif "b" in parts:
+                k = int(parts["a"].shape[0]) if "a" in parts else -1
+                b = part_shape(mods, name, "b", (g.d_out, k)).to(self.dtype)
+                a = part_shape(mods, name, "a", (k, g.d_in)).to(self.dtype)
+                self._add_factors(name, st, b, a)
+        self._count += partial.count
 
     def _close(self, name: str, st: _ModuleState, rank: int) -> SVDResult:
         if st.dense is None:

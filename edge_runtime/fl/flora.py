@@ -31,10 +31,12 @@ from edge_runtime.fl.svd import factored_svd
 from edge_runtime.fl.types import (
     ClientPlan,
     ClientUpdate,
+    PartialSum,
     StrategyBase,
     UpdateMismatchError,
     check_update,
     from_scaled_b,
+    part_shape,
     scaled_b,
 )
 
@@ -69,35 +71,60 @@ def _trim_zero(w: LoRAWeights) -> LoRAWeights:
 
 
 class FLoRAAccumulator:
-    """Collects the round's scaled factors per module; `result` stacks them onto the global."""
+    """Collects the round's weighted scaled factors per module (n_k s_k B_k and A_k, and
+    the total weight); `result` stacks them, divided by the total, onto the global."""
 
     def __init__(self, global_adapter: Adapter, cfg: FLoRAConfig) -> None:
         self.global_adapter = global_adapter
         self.cfg = cfg
-        self.parts: dict[str, list[tuple[float, torch.Tensor, torch.Tensor]]] = {}
+        self.b_parts: dict[str, list[torch.Tensor]] = {}
+        self.a_parts: dict[str, list[torch.Tensor]] = {}
+        self.weight: dict[str, float] = {}
         self._count = 0
 
     @property
     def count(self) -> int:
         return self._count
 
+    def _stack(self, name: str, nb: torch.Tensor, a: torch.Tensor, n: float) -> None:
+        self.b_parts.setdefault(name, []).append(nb)
+        self.a_parts.setdefault(name, []).append(a)
+        self.weight[name] = self.weight.get(name, 0.0) + n
+
     def add(self, update: ClientUpdate) -> None:
         check_update(update, self.global_adapter, allow_subset=True)
+        n = float(update.num_samples)
         for name, w in update.adapter.items():
-            self.parts.setdefault(name, []).append(
-                (float(update.num_samples), scaled_b(w), w.lora_a.double()))
+            self._stack(name, n * scaled_b(w), w.lora_a.double(), n)
         self._count += 1
+
+    def partial(self) -> PartialSum:
+        out: dict[str, torch.Tensor] = {}
+        for name in self.b_parts:
+            out[f"{name}/b"] = torch.cat(self.b_parts[name], 1)
+            out[f"{name}/a"] = torch.cat(self.a_parts[name], 0)
+            out[f"{name}/w"] = torch.tensor([self.weight[name]], dtype=torch.float64)
+        return PartialSum("flora", out, self._count)
+
+    def merge(self, partial: PartialSum) -> None:
+        mods = partial.expect("flora", self.global_adapter)
+        for name, parts in mods.items():
+            g = self.global_adapter[name]
+            k = int(parts["a"].shape[0]) if "a" in parts else -1
+            self._stack(name, part_shape(mods, name, "b", (g.d_out, k)).double(),
+                        part_shape(mods, name, "a", (k, g.d_in)).double(),
+                        float(part_shape(mods, name, "w", (1,))[0]))
+        self._count += partial.count
 
     def result(self) -> Adapter:
         out: Adapter = {}
         for name, g in self.global_adapter.items():
-            parts = self.parts.get(name)
-            if not parts:
+            total = self.weight.get(name, 0.0)
+            if total <= 0.0:
                 out[name] = g
                 continue
-            total = sum(n for n, _, _ in parts)
-            sb = torch.cat([scaled_b(g)] + [(n / total) * b for n, b, _ in parts], dim=1)
-            a = torch.cat([g.lora_a.double()] + [a for _, _, a in parts], dim=0)
+            sb = torch.cat([scaled_b(g)] + [b / total for b in self.b_parts[name]], dim=1)
+            a = torch.cat([g.lora_a.double()] + self.a_parts[name], dim=0)
             out[name] = refactor(sb, a, g.alpha, rel_tol=self.cfg.rel_tol,
                                  max_rank=self.cfg.max_rank, dtype=g.lora_a.dtype)
         return out

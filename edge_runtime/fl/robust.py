@@ -26,8 +26,10 @@ import torch
 
 from edge_runtime.adapter import Adapter
 from edge_runtime.config import ROBUST_FACTOR_STRATEGIES, StrategyName, check_robust
+from edge_runtime.errors import ConfigError
 from edge_runtime.fl.types import (
     ClientUpdate,
+    PartialSum,
     check_update,
     from_scaled_b,
     pad_cols,
@@ -61,6 +63,14 @@ class _Stacks:
     @property
     def count(self) -> int:
         return self._count
+
+    def partial(self) -> PartialSum:
+        raise ConfigError("a robust statistic (fleet.robust) is not a sum over devices, so "
+                          "sites cannot pre-aggregate it; set fleet.robust = 'none' for "
+                          "hierarchical aggregation")
+
+    def merge(self, partial: PartialSum) -> None:
+        self.partial()
 
     def _check(self, update: ClientUpdate) -> None:
         check_update(update, self.global_adapter,

@@ -38,7 +38,13 @@ from edge_runtime.config import FlexLoRAConfig, FlexMode, SAFedLoRAConfig
 from edge_runtime.errors import ConfigError
 from edge_runtime.fl.flexlora import FlexLoRAAccumulator, best_rank_r, svd_to_lora
 from edge_runtime.fl.svd import SVDResult, factored_svd
-from edge_runtime.fl.types import ClientPlan, ClientUpdate, Regularizer, StrategyBase
+from edge_runtime.fl.types import (
+    ClientPlan,
+    ClientUpdate,
+    PartialSum,
+    Regularizer,
+    StrategyBase,
+)
 
 __all__ = [
     "SAFedLoRA",
@@ -140,6 +146,12 @@ class SAFedLoRAAccumulator:
 
     def add(self, update: ClientUpdate) -> None:
         self._inner.add(update)
+
+    def partial(self) -> PartialSum:
+        return self._inner.partial()
+
+    def merge(self, partial: PartialSum) -> None:
+        self._inner.merge(partial)
 
     def result(self) -> Adapter:
         """Next global adapter: b(t + 1) components by importance; unchanged if empty."""

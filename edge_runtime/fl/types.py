@@ -29,6 +29,8 @@ from edge_runtime.errors import AdapterMismatchError
 __all__ = [
     "ClientPlan",
     "ClientUpdate",
+    "PartialSum",
+    "part_shape",
     "Accumulator",
     "Strategy",
     "StrategyBase",
@@ -107,12 +109,76 @@ class ClientUpdate:
     info: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass
+class PartialSum:
+    """An accumulator's running state as named tensors that add across accumulators.
+
+    Hierarchical aggregation: a site folds its devices' updates, sends `partial()`, and the
+    root `merge`s the sites' partials into a fresh accumulator of the same round; its
+    `result()` then equals folding every update into one accumulator (every strategy's
+    state is a sum over devices). `kind` names the accumulator that made it; tensor names
+    are `{module}/{part}`; `count` is the number of updates folded in.
+    """
+
+    kind: str
+    tensors: dict[str, torch.Tensor]
+    count: int
+
+    def modules(self) -> dict[str, dict[str, torch.Tensor]]:
+        """{module: {part: tensor}}."""
+        out: dict[str, dict[str, torch.Tensor]] = {}
+        for key, t in self.tensors.items():
+            name, _, part = key.rpartition("/")
+            if not name or not part:
+                raise UpdateMismatchError(f"partial sum tensor {key!r} is not module/part",
+                                          "garbage")
+            out.setdefault(name, {})[part] = t
+        return out
+
+    def expect(self, kind: str, global_adapter: Adapter) -> dict[str, dict[str, torch.Tensor]]:
+        """The partial's modules, checked to be of `kind` and of the global's modules."""
+        if self.kind != kind:
+            raise UpdateMismatchError(f"a {self.kind!r} partial sum cannot merge into a {kind!r} "
+                                      "accumulator; sites and root must run one strategy",
+                                      "bad_keys")
+        mods = self.modules()
+        unknown = set(mods) - set(global_adapter)
+        if unknown:
+            raise UpdateMismatchError(f"partial sum has modules the global lacks, e.g. "
+                                      f"{sorted(unknown)[0]}", "bad_keys")
+        for name, parts in mods.items():
+            for part, t in parts.items():
+                if not torch.isfinite(t).all():
+                    raise UpdateMismatchError(f"partial sum {name}/{part} has non-finite values",
+                                              "non_finite")
+        return mods
+
+
+def part_shape(mods: dict[str, dict[str, torch.Tensor]], name: str, part: str,
+               shape: tuple[int, ...]) -> torch.Tensor:
+    """`mods[name][part]`, which must exist with `shape`."""
+    t = mods[name].get(part)
+    if t is None or tuple(t.shape) != shape:
+        got = None if t is None else tuple(t.shape)
+        raise UpdateMismatchError(f"partial sum {name}/{part} is {got}, expected {shape}; it "
+                                  "was folded against another global adapter", "bad_shape")
+    return t
+
+
 class Accumulator(Protocol):
-    """Incremental aggregation: fold updates in as they arrive, one running sum per module."""
+    """Incremental aggregation: fold updates in as they arrive, one running sum per module.
+
+    `partial()` / `merge()` carry the state between accumulators of one round (a site's
+    to the root's, `PartialSum`).
+    """
 
     def add(self, update: ClientUpdate) -> None: ...
 
     def result(self) -> Adapter: ...
+
+    def partial(self) -> PartialSum: ...
+
+    def merge(self, partial: PartialSum) -> None: ...
 
     @property
     def count(self) -> int: ...

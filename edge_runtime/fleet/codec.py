@@ -23,12 +23,15 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from edge_runtime.adapter import Adapter, LoRAWeights
+from edge_runtime.fl.types import PartialSum
 from edge_runtime.fleet.transfer import TransferError
 
-__all__ = ["CodecError", "COMPRESSIONS", "encode_adapter", "decode_adapter", "read_header"]
+__all__ = ["CodecError", "COMPRESSIONS", "encode_adapter", "decode_adapter", "read_header",
+           "encode_partial", "decode_partial"]
 
 COMPRESSIONS = ("fp32", "fp16", "int8")
-_DTYPES = {"F32": 4, "F16": 2, "I8": 1, "BF16": 2}
+_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "I8": 1, "BF16": 2}
+_PARTIAL_DTYPES = (torch.float64, torch.float32)
 _MAX_HEADER = 16 << 20
 
 
@@ -92,8 +95,8 @@ def read_header(data: bytes) -> tuple[dict[str, Any], dict[str, Any]]:
         meta = json.loads(raw_meta["edge_rt"])
     except json.JSONDecodeError as e:
         raise CodecError(f"edge_rt metadata is not JSON ({e})") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("alphas"), dict):
-        raise CodecError("edge_rt metadata lacks 'alphas'")
+    if not isinstance(meta, dict):
+        raise CodecError("edge_rt metadata is not an object")
     body = len(data) - 8 - n
     for name, info in header.items():
         if not isinstance(info, dict):
@@ -122,6 +125,10 @@ def decode_adapter(data: bytes) -> tuple[Adapter, dict[str, Any]]:
         tensors = st_load(data)
     except Exception as e:  # safetensors raises its own error types for corrupt input
         raise CodecError(f"safetensors could not read the tensors ({e})") from None
+    if not isinstance(info.get("alphas"), dict):
+        raise CodecError("edge_rt metadata lacks 'alphas'; not an adapter")
+    if any(t.dtype == torch.float64 for t in tensors.values()):
+        raise CodecError("an adapter's factors are float32, float16 or int8, not float64")
     compression = info.get("compression", "fp32")
     if compression not in COMPRESSIONS:
         raise CodecError(f"unknown compression {compression!r}")
@@ -156,3 +163,36 @@ def decode_adapter(data: bytes) -> tuple[Adapter, dict[str, Any]]:
     if not isinstance(meta, dict):
         raise CodecError("edge_rt meta is not an object")
     return adapter, meta
+
+
+def encode_partial(partial: PartialSum, meta: dict[str, Any] | None = None) -> bytes:
+    """Serialize a site's partial sum (float64/float32 tensors, kind, count) and `meta`."""
+    tensors = {k: t.detach().contiguous() for k, t in partial.tensors.items()}
+    for k, t in tensors.items():
+        if t.dtype not in _PARTIAL_DTYPES or t.dim() not in (1, 2):
+            raise ValueError(f"partial tensor {k}: {t.dtype} {tuple(t.shape)} is not a 1-D or "
+                             "2-D float64/float32 tensor")
+    header = {"partial": {"kind": partial.kind, "count": partial.count}, "meta": meta or {}}
+    return st_save(tensors, metadata={"edge_rt": json.dumps(header, sort_keys=True)})
+
+
+def decode_partial(data: bytes) -> tuple[PartialSum, dict[str, Any]]:
+    """Bytes -> (partial sum, meta). Raises CodecError on anything malformed."""
+    _, info = read_header(data)
+    p = info.get("partial")
+    if (not isinstance(p, dict) or not isinstance(p.get("kind"), str)
+            or isinstance(p.get("count"), bool) or not isinstance(p.get("count"), int)
+            or p["count"] < 0):
+        raise CodecError("edge_rt metadata lacks a valid 'partial' {kind, count}; not a partial "
+                         "sum")
+    try:
+        tensors = st_load(data)
+    except Exception as e:  # safetensors raises its own error types for corrupt input
+        raise CodecError(f"safetensors could not read the tensors ({e})") from None
+    for k, t in tensors.items():
+        if t.dtype not in _PARTIAL_DTYPES:
+            raise CodecError(f"partial tensor {k} is {t.dtype}, not float64/float32")
+    meta = info.get("meta", {})
+    if not isinstance(meta, dict):
+        raise CodecError("edge_rt meta is not an object")
+    return PartialSum(p["kind"], dict(tensors), int(p["count"])), meta
