@@ -941,6 +941,10 @@ class SimConfig:
             after another) or ray (Ray actors, the model loaded once per worker).
         ray_address: with backend ray, an existing Ray cluster's address; None starts a
             local Ray instance.
+        sites: with transport mqtt, 0 (flat: one broker, one aggregator) or the number of
+            sites: a Mosquitto per site bridged (TLS) to a root Mosquitto, a site aggregator
+            per site folding its devices' updates into partial sums, the root merging them
+            (docs/SCALING.md); devices are dealt to sites in turn.
         ray_workers: with backend ray, the number of actors (each trains one device at a
             time).
     """
@@ -959,9 +963,15 @@ class SimConfig:
     backend: Backend = Backend.LOCAL
     ray_address: str | None = None
     ray_workers: int = 2
+    sites: int = 0
 
     def __post_init__(self) -> None:
         self.transport = _enum(Transport, self.transport, "sim.transport")
+        if self.sites < 0 or (self.sites and (self.transport is not Transport.MQTT
+                                              or self.broker is not None)):
+            raise ConfigError(f"sim.sites = {self.sites}: hierarchical aggregation runs over "
+                              "Mosquitto brokers the run starts (a root and one per site); use "
+                              "it with sim.transport = mqtt and no sim.broker")
         self.backend = _enum(Backend, self.backend, "sim.backend")
         if self.backend is Backend.RAY and self.transport is not Transport.INPROC:
             raise ConfigError(f"sim.backend = ray runs the in-process transport's devices; "

@@ -16,6 +16,12 @@ Topics live under `{prefix}/{fleet}` (`Topics.base`):
     dev/{id}/up/{tid}/c/{offset}               chunk bytes                  device -> aggregator
     dev/{id}/ack                               Ack (accepted / rejected)    aggregator -> device
 
+Hierarchical aggregation (a site broker bridged to the root's, `rounds/site.py`):
+
+    agg/site/{tid}/m, .../c/{offset} retained  the whole global adapter     root -> sites
+    site/{site}/up/{tid}/m, .../c/{off}        a site's partial sum         site -> root
+    site/{site}/ack                            Ack of a partial             root -> site
+
 A device writes only below `dev/{its id}/`, which a broker ACL can enforce
 (`pattern write edge-rt/+/dev/%u/#` in Mosquitto).
 """
@@ -50,7 +56,10 @@ __all__ = [
 
 PROTOCOL_VERSION = 2  # 2: the announcement carries the strategy's typed config
 DEFAULT_CHUNK_SIZE = 64 * 1024  # cloud brokers cap a message at 128-256 KB
-MAX_JSON_BYTES = 1 << 20  # a JSON control message larger than this is garbage
+MAX_JSON_BYTES = 1 << 20
+# update: device -> aggregator; global: aggregator -> devices (and the whole global to
+# site aggregators); partial: a site aggregator's partial sum -> the root
+MANIFEST_KINDS = ("update", "global", "partial")  # a JSON control message larger than this is garbage
 
 
 # Every reason an update can be refused with; counters are keyed by these.
@@ -157,6 +166,29 @@ class Topics:
     def down_all(self) -> str:
         return f"{self.base}/agg/down/#"
 
+    # hierarchical aggregation
+    def site_global_manifest(self, tid: str) -> str:
+        return f"{self.base}/agg/site/{tid}/m"
+
+    def site_global_chunk(self, tid: str, offset: int) -> str:
+        return f"{self.base}/agg/site/{tid}/c/{offset}"
+
+    def partial_manifest(self, site: str, tid: str) -> str:
+        return f"{self.base}/site/{site}/up/{tid}/m"
+
+    def partial_chunk(self, site: str, tid: str, offset: int) -> str:
+        return f"{self.base}/site/{site}/up/{tid}/c/{offset}"
+
+    def site_ack(self, site: str) -> str:
+        return f"{self.base}/site/{site}/ack"
+
+    def site_subscriptions(self, site: str) -> list[str]:
+        """A site aggregator's, on its own broker: the root's rounds and whole global
+        (bridged down), its devices' messages, and its own acks (bridged down)."""
+        b = self.base
+        return [self.round(), f"{b}/agg/site/#", f"{b}/dev/+/register", f"{b}/dev/+/presence",
+                f"{b}/dev/+/up/#", self.site_ack(site)]
+
     # device -> aggregator
     def register(self, dev: str) -> str:
         return f"{self.base}/dev/{dev}/register"
@@ -176,7 +208,8 @@ class Topics:
     # subscriptions
     def aggregator_subscriptions(self) -> list[str]:
         b = self.base
-        return [f"{b}/dev/+/register", f"{b}/dev/+/presence", f"{b}/dev/+/up/#"]
+        return [f"{b}/dev/+/register", f"{b}/dev/+/presence", f"{b}/dev/+/up/#",
+                f"{b}/site/+/up/#"]
 
     def device_subscriptions(self, dev: str) -> list[str]:
         return [self.round(), self.status(), self.down_all(), self.ack(dev)]
@@ -185,7 +218,8 @@ class Topics:
         """Classify a topic of this fleet; raises ProtocolError for anything else.
 
         kinds: round, status, down_manifest, down_chunk, register, presence,
-        up_manifest, up_chunk, ack.
+        up_manifest, up_chunk, ack; site_global_manifest, site_global_chunk,
+        partial_manifest, partial_chunk, site_ack (`device_id` holds the site id).
         """
         prefix = self.base + "/"
         if not topic.startswith(prefix):
@@ -201,6 +235,23 @@ class Topics:
             if parts[:2] == ["agg", "down"] and len(parts) == 5 and parts[3] == "c":
                 return ParsedTopic("down_chunk", transfer_id=check_id(parts[2], topic),
                                    offset=_parse_offset(parts[4], topic))
+            if parts[:2] == ["agg", "site"] and len(parts) == 4 and parts[3] == "m":
+                return ParsedTopic("site_global_manifest", transfer_id=check_id(parts[2], topic))
+            if parts[:2] == ["agg", "site"] and len(parts) == 5 and parts[3] == "c":
+                return ParsedTopic("site_global_chunk", transfer_id=check_id(parts[2], topic),
+                                   offset=_parse_offset(parts[4], topic))
+            if parts[0] == "site" and len(parts) >= 3:
+                site = check_id(parts[1], topic)
+                rest = parts[2:]
+                if rest == ["ack"]:
+                    return ParsedTopic("site_ack", device_id=site)
+                if rest[0] == "up" and len(rest) == 3 and rest[2] == "m":
+                    return ParsedTopic("partial_manifest", device_id=site,
+                                       transfer_id=check_id(rest[1], topic))
+                if rest[0] == "up" and len(rest) == 4 and rest[2] == "c":
+                    return ParsedTopic("partial_chunk", device_id=site,
+                                       transfer_id=check_id(rest[1], topic),
+                                       offset=_parse_offset(rest[3], topic))
             if parts[0] == "dev" and len(parts) >= 3:
                 dev = check_id(parts[1], topic)
                 rest = parts[2:]
@@ -228,7 +279,8 @@ def _parse_offset(s: str, topic: str) -> int:
 class Manifest:
     """Describes one transfer: its bytes are sent as chunks at offsets 0, chunk_size, ...
 
-    `kind` is "update" (device -> aggregator) or "global" (aggregator -> devices).
+    `kind` is "update" (device -> aggregator), "global" (aggregator -> devices and
+    sites) or "partial" (a site aggregator's partial sum -> the root).
     `meta` carries the adapter's context (round, n_samples, train loss, ...).
     """
 
@@ -269,8 +321,8 @@ class Manifest:
             meta=d.get("meta", {}),
             version=_get(d, "version", int, what),
         )
-        if m.kind not in ("update", "global"):
-            raise ProtocolError(f"{what}: kind {m.kind!r} must be 'update' or 'global'")
+        if m.kind not in MANIFEST_KINDS:
+            raise ProtocolError(f"{what}: kind {m.kind!r} must be one of {MANIFEST_KINDS}")
         if m.size < 0 or m.chunk_size <= 0 or m.round < 0:
             raise ProtocolError(f"{what}: size, chunk_size and round must be non-negative")
         if not re.fullmatch(r"[0-9a-f]{64}", m.sha256):

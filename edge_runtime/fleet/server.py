@@ -22,6 +22,7 @@ from edge_runtime.fleet.protocol import (
     Ack,
     AggregatorStatus,
     Manifest,
+    ParsedTopic,
     Presence,
     ProtocolError,
     Register,
@@ -69,6 +70,8 @@ class AggregatorNode:
     # a simulated fleet decides when a round is complete and how long it took
     ready: Callable[[AggregatorService], bool] | None = None
     duration: Callable[[], float] | None = None
+    # hierarchical aggregation: also publish the whole global for site aggregators
+    sites: bool = False
     topics: Topics = field(init=False)
     link: MqttLink = field(init=False)
 
@@ -78,6 +81,9 @@ class AggregatorNode:
                              self.topics.aggregator_subscriptions(),
                              will=(self.topics.status(), AggregatorStatus(False).to_bytes(), True))
         self.transfers = TransferTable(max_bytes=self.service.cfg.max_update_bytes)
+        self.site_transfers = TransferTable(max_bytes=64 * self.service.cfg.max_update_bytes,
+                                            max_open=64)
+        self._site_global: tuple[str, list[int]] | None = None  # retained (tid, offsets)
         self._verdicts: dict[tuple[str, str], Ack] = {}
         self._published: set[str] = set()  # retained download topics of the open round
         self._offsets: dict[str, list[int]] = {}  # chunk offsets of each published download
@@ -95,7 +101,23 @@ class AggregatorNode:
                              lambda off, t=tid: self.topics.down_chunk(t, off),  # type: ignore[misc]
                              manifest, data, retain=True)
             self._published.add(tid)
+        if self.sites and not opened.announcement.finished:
+            self._publish_site_global()
         self.link.publish(self.topics.round(), opened.announcement.to_bytes(), retain=True)
+
+    def _publish_site_global(self) -> None:
+        """The open round's whole global adapter for site aggregators (retained; the
+        previous round's is cleared)."""
+        m, data = self.service.global_download()
+        old = self._site_global
+        if old is not None and old[0] != m.transfer_id:
+            self.link.publish(self.topics.site_global_manifest(old[0]), b"", retain=True)
+            for off in old[1]:
+                self.link.publish(self.topics.site_global_chunk(old[0], off), b"", retain=True)
+        publish_transfer(self.link, self.topics.site_global_manifest(m.transfer_id),
+                         lambda off: self.topics.site_global_chunk(m.transfer_id, off),
+                         m, data, retain=True)
+        self._site_global = (m.transfer_id, [o for o, _ in iter_chunks(data, m.chunk_size)])
 
     def _clear_downloads(self, keep: set[str]) -> None:
         for tid in list(self._published - keep):
@@ -108,13 +130,14 @@ class AggregatorNode:
         for tid, (m, data) in opened.downloads.items():
             self._offsets[tid] = [o for o, _ in iter_chunks(data, m.chunk_size)]
 
-    def _ack(self, dev: str, manifest: Manifest, verdict: Verdict) -> None:
+    def _ack(self, dev: str, manifest: Manifest, verdict: Verdict,
+             topic: Callable[[str], str]) -> None:
         ack = Ack(dev, manifest.round, manifest.transfer_id,
                   "accepted" if verdict.accepted else "rejected", verdict.reason, verdict.detail)
         self._verdicts[(dev, manifest.transfer_id)] = ack
         while len(self._verdicts) > 100_000:  # bounded; oldest answers go first
             del self._verdicts[next(iter(self._verdicts))]
-        self.link.publish(self.topics.ack(dev), ack.to_bytes(), qos=1)
+        self.link.publish(topic(dev), ack.to_bytes(), qos=1)
 
     # inbound ----------------------------------------------------------------------
     def _handle(self, msg: InboundMessage) -> None:
@@ -148,45 +171,55 @@ class AggregatorNode:
             except ProtocolError:
                 pass
             return
-        if pt.kind not in ("up_manifest", "up_chunk"):
-            return
-        tid = pt.transfer_id or ""
+        if pt.kind in ("up_manifest", "up_chunk"):
+            self._upload(pt, msg, "update", self.transfers, svc.accept_update, self.topics.ack)
+        elif pt.kind in ("partial_manifest", "partial_chunk"):
+            self._upload(pt, msg, "partial", self.site_transfers, svc.accept_partial,
+                         self.topics.site_ack)
+
+    def _upload(self, pt: ParsedTopic, msg: InboundMessage, kind: str, table: TransferTable,
+                accept: Callable[[str, Manifest, bytes], Verdict],
+                ack_topic: Callable[[str], str]) -> None:
+        """One message of an upload (a device's update or a site's partial sum):
+        reassemble, hand the complete bytes to `accept`, answer on `ack_topic(sender)`."""
+        svc = self.service
+        dev, tid = pt.device_id or "", pt.transfer_id or ""
         done = self._verdicts.get((dev, tid))
         if done is not None:
             # a re-send of a finished transfer (lost ack, restarted agent): repeat the answer,
             # never process it twice
-            if pt.kind == "up_manifest":
-                self.link.publish(self.topics.ack(dev), done.to_bytes(), qos=1)
+            if pt.kind.endswith("_manifest"):
+                self.link.publish(ack_topic(dev), done.to_bytes(), qos=1)
             return
-        r = self.transfers.get(dev, tid)
+        r = table.get(dev, tid)
         if r is None:
             return
         try:
-            if pt.kind == "up_manifest":
+            if pt.kind.endswith("_manifest"):
                 m = Manifest.from_bytes(msg.payload)
-                if m.transfer_id != tid or m.kind != "update":
+                if m.transfer_id != tid or m.kind != kind:
                     raise TransferError("bad_manifest", "manifest does not match its topic")
                 r.set_manifest(m)
                 if m.round != svc.round or svc.open is None:  # stale: refuse before the bytes
-                    self.transfers.finish(dev, tid)
-                    self._ack(dev, m, svc.accept_update(dev, m, b""))
+                    table.finish(dev, tid)
+                    self._ack(dev, m, accept(dev, m, b""), ack_topic)
                     return
             else:
                 r.add_chunk(int(pt.offset or 0), msg.payload)
-                for d, t in self.transfers.enforce_budget():
+                for d, t in table.enforce_budget():
                     log.warning("dropped the open upload %s of %s: memory budget", t, d)
             if r.complete:
                 assert r.manifest is not None
                 m = r.manifest
-                self.transfers.finish(dev, tid)
+                table.finish(dev, tid)
                 data = r.result()
-                self._ack(dev, m, svc.accept_update(dev, m, data))
+                self._ack(dev, m, accept(dev, m, data), ack_topic)
         except (TransferError, ProtocolError) as e:
             reason = e.reason if isinstance(e, TransferError) else "bad_manifest"
-            self.transfers.finish(dev, tid)
+            table.finish(dev, tid)
             verdict = svc.count_rejection(dev, reason, str(e))
-            m = r.manifest or Manifest(tid, "update", 0, "0" * 64, 1, svc.round, dev)
-            self._ack(dev, m, verdict)
+            m = r.manifest or Manifest(tid, kind, 0, "0" * 64, 1, svc.round, dev)
+            self._ack(dev, m, verdict, ack_topic)
 
     # main loop -------------------------------------------------------------------
     def stop(self) -> None:

@@ -12,9 +12,10 @@ from typing import Any
 
 from edge_runtime.adapter import Adapter
 from edge_runtime.fl.types import ClientPlan, ClientUpdate, UpdateMismatchError, check_update
+from edge_runtime.fleet.protocol import Manifest
 from edge_runtime.fleet.transfer import TransferError
 
-__all__ = ["UpdateRejected", "validate_update"]
+__all__ = ["UpdateRejected", "validate_update", "decode_checked"]
 
 
 class UpdateRejected(TransferError):
@@ -53,3 +54,19 @@ def validate_update(adapter: Adapter, meta: dict[str, Any], *, plan: ClientPlan,
             raise UpdateRejected("norm_bound", f"{name}: ||scale*B A||_F = {norm:.3g} is above "
                                  f"the bound {max_norm:.3g}")
     return n
+
+
+def decode_checked(payload: bytes, manifest: Manifest, *, round: int, plan: ClientPlan,
+                   global_adapter: Adapter, fingerprint: str, max_norm: float
+                   ) -> tuple[Adapter, int]:
+    """Decode a complete update's bytes and validate them against the device's plan of
+    round `round`: (adapter, its sample count). Raises TransferError (a reject reason)."""
+    from edge_runtime.fleet.codec import decode_adapter
+
+    adapter, meta = decode_adapter(payload)
+    meta = {**manifest.meta, **meta}
+    n = validate_update(adapter, meta, plan=plan, global_adapter=global_adapter,
+                        fingerprint=fingerprint, max_norm=max_norm)
+    if meta.get("round") != round:
+        raise UpdateRejected("stale_round", f"payload says round {meta.get('round')}")
+    return adapter, n

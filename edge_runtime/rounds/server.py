@@ -50,12 +50,13 @@ from edge_runtime.config import (
     WeightCap,
     to_jsonable,
 )
+from edge_runtime.errors import ConfigError
 from edge_runtime.evaluate import EvalResult
 from edge_runtime.files import atomic_write
 from edge_runtime.fl.registry import make_strategy
-from edge_runtime.fl.types import Accumulator, ClientPlan, ClientUpdate
+from edge_runtime.fl.types import Accumulator, ClientPlan, ClientUpdate, PartialSum
 from edge_runtime.fl.types import UpdateMismatchError as StrategyRefused
-from edge_runtime.fleet.codec import decode_adapter, encode_adapter
+from edge_runtime.fleet.codec import decode_adapter, decode_partial, encode_adapter
 from edge_runtime.fleet.protocol import (
     PROTOCOL_VERSION,
     DevicePlan,
@@ -66,12 +67,12 @@ from edge_runtime.fleet.protocol import (
     check_id,
 )
 from edge_runtime.fleet.transfer import TransferError, make_manifest
-from edge_runtime.fleet.validation import UpdateRejected, validate_update
+from edge_runtime.fleet.validation import decode_checked
 from edge_runtime.lora import seeded_lora_a
 from edge_runtime.planning import GlobalShape, Planner
 from edge_runtime.rounds.seeding import device_seed
 
-__all__ = ["AggregatorService", "Verdict", "RoundOpen", "RoundRecord", "initial_global",
+__all__ = ["AggregatorService", "Verdict", "capped_weight", "RoundOpen", "RoundRecord", "initial_global",
            "METRICS_SCHEMA", "ROUND_KEYS", "metrics_document"]
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,18 @@ MAX_EXTENSIONS = 3
 METRICS_SCHEMA = 1
 ROUND_KEYS = ("round", "eval_loss", "eval_accuracy", "bytes_up", "bytes_down", "time_s",
               "participants", "selected", "stragglers", "rejected", "diagnostics", "clipped")
+
+
+def capped_weight(cap: WeightCap, n: int, registered: int | None, recipe: TrainConfig) -> int:
+    """The sample count a device claiming `n` may be weighted by (`FleetConfig.weight_cap`):
+    at most what it registered (`registered`; None: unknown, no bound) and, with `plan`,
+    what the round's recipe can consume (steps x batch x grad_accum)."""
+    if cap is WeightCap.NONE:
+        return n
+    limit = n if registered is None else registered
+    if cap is WeightCap.PLAN:
+        limit = min(limit, recipe.steps * recipe.batch_size * recipe.grad_accum)
+    return min(n, max(1, limit))
 
 
 def initial_global(shape: GlobalShape, shapes: dict[str, tuple[int, int]], seed: int) -> Adapter:
@@ -242,6 +255,7 @@ class AggregatorService:
         self._acc: Accumulator | None = None
         self._accepted: dict[str, int] = {}
         self._clips: dict[str, dict[str, list[float]]] = {}  # the open round's
+        self._partials = 0  # site partial sums merged into the open round
         self.state_dir.mkdir(parents=True, exist_ok=True)
         if (self.state_dir / "state.json").exists():
             self.st = self._load_state(strategy)
@@ -319,6 +333,7 @@ class AggregatorService:
     def _refold_journal(self) -> None:
         self._acc = self._new_accumulator()
         self._accepted = {}
+        self._partials = 0
         jdir = self._journal_dir(self.round)
         for f in sorted(jdir.glob("*.bin")) if jdir.is_dir() else []:
             adapter, meta = decode_adapter(f.read_bytes())
@@ -326,6 +341,9 @@ class AggregatorService:
             self._fold(f.stem, adapter, n)
             if n < claimed:
                 self._clips.setdefault(f.stem, {})["n_samples"] = [float(claimed), float(n)]
+        for f in sorted(jdir.glob("*.part")) if jdir.is_dir() else []:
+            partial, meta = decode_partial(f.read_bytes())
+            self._merge_partial(partial, meta)
         log.info("resumed aggregator state: round %d, %d accepted in the open round",
                  self.round, len(self._accepted))
 
@@ -397,6 +415,7 @@ class AggregatorService:
         self.st.open = OpenRound(now, now + self.cfg.round_timeout_s, plans)
         self._acc = self._new_accumulator()
         self._accepted = {}
+        self._partials = 0
         self.st.round_rejected = {}
         opened = self.current()
         self.st.round_bytes = [0, sum(opened.downloads[dp.global_transfer_id][0].size
@@ -482,13 +501,11 @@ class AggregatorService:
             return self.count_rejection(device_id, "oversize", f"{len(payload)} bytes")
         self.st.round_bytes[0] += len(payload)
         try:
-            adapter, meta = decode_adapter(payload)
-            meta = {**manifest.meta, **meta}
-            n = validate_update(adapter, meta, plan=ClientPlan.from_json(pj),
-                                global_adapter=self.global_adapter,
-                                fingerprint=self.fingerprint, max_norm=self.cfg.max_update_norm)
-            if meta.get("round") != self.round:
-                raise UpdateRejected("stale_round", f"payload says round {meta.get('round')}")
+            adapter, n = decode_checked(payload, manifest, round=self.round,
+                                        plan=ClientPlan.from_json(pj),
+                                        global_adapter=self.global_adapter,
+                                        fingerprint=self.fingerprint,
+                                        max_norm=self.cfg.max_update_norm)
         except TransferError as e:
             return self.count_rejection(device_id, e.reason, e.detail)
         claimed, n = n, self._weight_cap(device_id, n)
@@ -516,6 +533,81 @@ class AggregatorService:
         log.info("round %d: accepted update from %s (%d samples)", self.round, device_id, n)
         return Verdict(True)
 
+    # hierarchical aggregation --------------------------------------------------------
+    def global_download(self) -> tuple[Manifest, bytes]:
+        """The whole global adapter of the open round, for site aggregators (they fold
+        against it); transfer id `site-g{round}`."""
+        data = encode_adapter(self.global_adapter, {"round": self.round,
+                                                    "fingerprint": self.fingerprint})
+        return make_manifest(data, kind="global", round=self.round,
+                             chunk_size=self.cfg.chunk_size,
+                             transfer_id=f"site-g{self.round}"), data
+
+    def accept_partial(self, site_id: str, manifest: Manifest, payload: bytes) -> Verdict:
+        """Merge a site aggregator's partial sum of the open round (`rounds.site`).
+
+        Its meta names the devices folded in ({device: weight n}); each must be selected
+        and not yet in, so a site re-sending after a restart merges nothing twice. The
+        partial is journaled (`{site}.{transfer}.part`) before it is merged.
+        """
+        who = f"site {site_id}"
+        try:
+            check_id(site_id, "partial")
+        except ProtocolError as e:
+            return self.count_rejection(site_id, "bad_manifest", str(e))
+        op = self.st.open
+        if manifest.round != self.round or op is None:
+            prev = self.st.metrics[-1] if len(self.st.metrics) > 1 else None
+            late = prev is not None and manifest.round == self.round - 1
+            return self.count_rejection(who, "late" if late else "stale_round",
+                                        f"partial for round {manifest.round}, open round is "
+                                        f"{self.round if op else 'none'}")
+        limit = self.cfg.max_update_bytes * max(1, len(op.plans))
+        if len(payload) > limit:
+            return self.count_rejection(who, "oversize", f"{len(payload)} bytes")
+        try:
+            partial, meta = decode_partial(payload)
+        except TransferError as e:
+            return self.count_rejection(who, e.reason, e.detail)
+        devices = meta.get("devices")
+        if (meta.get("round") != self.round or not isinstance(devices, dict) or not devices
+                or len(devices) != partial.count
+                or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0
+                           for n in devices.values())):
+            return self.count_rejection(who, "bad_manifest", "a partial's meta must name its "
+                                        "round and {device: n_samples > 0} of every device in it")
+        unknown = sorted(set(devices) - set(op.plans))
+        if unknown:
+            return self.count_rejection(who, "not_selected",
+                                        f"{unknown[0]} is not selected for round {self.round}")
+        twice = sorted(set(devices) & set(self._accepted))
+        if twice:
+            return self.count_rejection(who, "duplicate", f"{twice[0]} is already in round "
+                                        f"{self.round}; nothing of this partial was merged")
+        self.st.round_bytes[0] += len(payload)
+        jdir = self._journal_dir(self.round)
+        jdir.mkdir(parents=True, exist_ok=True)
+        path = jdir / f"{site_id}.{manifest.transfer_id}.part"
+        atomic_write(path, payload)
+        try:
+            self._merge_partial(partial, meta)
+        except (StrategyRefused, ConfigError) as e:
+            path.unlink(missing_ok=True)
+            return self.count_rejection(who, getattr(e, "reason", "bad_shape"),
+                                        f"the strategy refused the partial: {e}")
+        for dev in devices:
+            self.seen(dev)
+        log.info("round %d: merged the partial of %s (%d devices)", self.round, who,
+                 len(devices))
+        return Verdict(True)
+
+    def _merge_partial(self, partial: PartialSum, meta: dict[str, Any]) -> None:
+        assert self._acc is not None
+        self._acc.merge(partial)
+        for dev, n in meta["devices"].items():
+            self._accepted[dev] = int(n)
+        self._partials += 1
+
     def _new_accumulator(self) -> Accumulator:
         """The round's accumulator: the strategy's, or a robust statistic (`fleet.robust`)."""
         from edge_runtime.fl.robust import robust_accumulator
@@ -527,14 +619,7 @@ class AggregatorService:
 
     def _weight_cap(self, dev: str, n: int) -> int:
         """The sample count `dev` may be weighted by (`FleetConfig.weight_cap`)."""
-        cap = self.cfg.weight_cap
-        if cap is WeightCap.NONE:
-            return n
-        limit = self.st.devices[dev].n_samples
-        if cap is WeightCap.PLAN:
-            r = self.recipe
-            limit = min(limit, r.steps * r.batch_size * r.grad_accum)
-        return min(n, max(1, limit))
+        return capped_weight(self.cfg.weight_cap, n, self.st.devices[dev].n_samples, self.recipe)
 
     def _start_of(self, dev: str) -> Adapter:
         """What `dev` started this round from (the strategy's distribution, and a fresh
@@ -614,10 +699,13 @@ class AggregatorService:
         if stragglers:
             for reasons in (self.st.rejected, self.st.round_rejected):
                 reasons["straggler_dropped"] = reasons.get("straggler_dropped", 0) + len(stragglers)
-        if self._accepted and self.cfg.clip_multiple > 0:
+        # a site's partial sum hides its devices' updates: no clipping or diagnostics
+        # over them (a site's devices are checked and weight-capped at the site)
+        whole = self._partials == 0
+        if self._accepted and self.cfg.clip_multiple > 0 and whole:
             self._clip_round()
         new_global = self._acc.result() if self._accepted else self.global_adapter
-        diag = self._diagnostics(new_global) if self.cfg.diagnostics_rank else None
+        diag = self._diagnostics(new_global) if self.cfg.diagnostics_rank and whole else None
         ev = self.evaluator(new_global) if self.evaluator is not None else None
         took = duration_s if duration_s is not None else self.clock() - op.started_unix
         loss, acc = _scores(ev)
@@ -635,6 +723,7 @@ class AggregatorService:
         self.st.open = None
         self._accepted = {}
         self._clips = {}
+        self._partials = 0
         self._acc = None
         self.global_adapter = new_global
         self.st.round_bytes = [0, 0]

@@ -23,6 +23,7 @@ from edge_runtime.errors import UserError
 from edge_runtime.fleet.agent import DeviceAgent
 from edge_runtime.fleet.server import AggregatorNode
 from edge_runtime.rounds.server import AggregatorService, RoundRecord
+from edge_runtime.transport.mqtt_sites import SiteTopology
 from edge_runtime.transport.scheduler import SimDevice, SimScheduler
 
 __all__ = ["run_mqtt"]
@@ -45,7 +46,15 @@ def run_mqtt(service: AggregatorService, devices: list[SimDevice], loaded: Loade
                       password=run.mqtt.password, tls_ca=run.mqtt.tls_ca,
                       prefix=run.mqtt.prefix, fleet=run.mqtt.fleet)
     creds: dict[str, tuple[str | None, str | None]] = {}
-    if url is None and find_mosquitto() is not None:
+    topology: SiteTopology | None = None
+    device_mqtt: dict[str, MqttConfig] = {}
+    if run.sim.sites:
+        topology = SiteTopology([d.device_id for d in devices], run.sim.sites, run.fleet,
+                                service.fingerprint, mqtt).start()
+        mqtt = topology.root_mqtt()
+        device_mqtt = {d.device_id: topology.device_mqtt(d.device_id) for d in devices}
+        log.info("simulated fleet over %d sites bridged to a root broker", run.sim.sites)
+    elif url is None and find_mosquitto() is not None:
         mosq = LocalMosquitto([d.device_id for d in devices], prefix=run.mqtt.prefix).start()
         broker, url = mosq, mosq.url
         creds = {u: (u, p) for u, p in mosq.passwords.items()}
@@ -72,7 +81,8 @@ def run_mqtt(service: AggregatorService, devices: list[SimDevice], loaded: Loade
     node = AggregatorNode(service, mqtt, on_round=records.append,
                           wait_for_clients_s=timeout_s, start_clients=len(devices),
                           threads=torch.get_num_threads(), linger_s=0.5, ready=ready,
-                          duration=lambda: scheduler.duration(service.round))
+                          duration=lambda: scheduler.duration(service.round),
+                          sites=topology is not None)
     try:
         with tempfile.TemporaryDirectory(prefix="edge-rt-sim-") as tmp:
             for d in devices:
@@ -82,7 +92,9 @@ def run_mqtt(service: AggregatorService, devices: list[SimDevice], loaded: Loade
                                   compression=run.fleet.compression,
                                   chunk_size=run.fleet.chunk_size, connect_timeout_s=30.0)
                 user, password = creds.get(d.device_id, (mqtt.username, mqtt.password))
-                agent = DeviceAgent(cfg, replace(mqtt, username=user, password=password),
+                dev_mqtt = device_mqtt.get(d.device_id) or replace(mqtt, username=user,
+                                                                    password=password)
+                agent = DeviceAgent(cfg, dev_mqtt,
                                     loaded=loaded, examples=d.examples,
                                     gate=scheduler, train_lock=lock)
                 agents.append(agent)
@@ -108,6 +120,8 @@ def run_mqtt(service: AggregatorService, devices: list[SimDevice], loaded: Loade
             a.stop()
         if broker is not None:
             broker.stop()
+        if topology is not None:
+            topology.stop()
     if not service.finished:
         raise UserError(f"the simulated MQTT fleet stopped after {service.round} of "
                         f"{run.fleet.rounds} rounds; see the log")
