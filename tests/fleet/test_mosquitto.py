@@ -9,7 +9,12 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 
-from edge_runtime.fleet.mosquitto import AGGREGATOR_USER, LocalMosquitto, fleet_acl
+from edge_runtime.fleet.mosquitto import (
+    AGGREGATOR_USER,
+    LocalMosquitto,
+    bridge_block,
+    fleet_acl,
+)
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "mosquitto"
 
@@ -20,6 +25,19 @@ def _rules(text: str) -> list[str]:
 
 def test_generated_acl_is_the_shipped_one() -> None:
     assert _rules(fleet_acl()) == _rules((DEPLOY / "aclfile").read_text())
+    assert _rules(fleet_acl(sites=["site-a", "site-b"])) == _rules(
+        (DEPLOY / "root-aclfile").read_text())
+
+
+def test_shipped_site_conf_bridges_as_the_generated_block() -> None:
+    """deploy/mosquitto/site.conf's bridge routes the topics `bridge_block` does (the
+    address, password and CA file are the deployment's)."""
+    def routes(text: str) -> list[str]:
+        return [ln for ln in _rules(text) if ln.split()[0] in ("topic", "connection",
+                                                             "remote_username",
+                                                             "bridge_tls_version")]
+    block = bridge_block("site-a", "root:8883", "pw", "/ca.crt")
+    assert sorted(routes(block)) == sorted(routes((DEPLOY / "site.conf").read_text()))
 
 
 def _client(port: int, user: str, password: str, inbox: queue.Queue | None = None
@@ -62,3 +80,32 @@ def test_devices_write_only_their_own_topics_and_need_their_password() -> None:
             c.disconnect()
         workdir = m.workdir
     assert not workdir.exists() and m.proc is None  # stopped and cleaned up
+
+
+@pytest.mark.timeout(60)
+def test_a_site_bridge_writes_only_its_own_partials() -> None:
+    """On a root broker, site-a's user may forward registrations and send site-a's
+    partials, not site-b's nor a device's update; a wrong password is refused."""
+    with LocalMosquitto([], sites=["site-a", "site-b"]) as m:
+        inbox: queue.Queue = queue.Queue()
+        agg, rc = _client(m.port, AGGREGATOR_USER, m.passwords[AGGREGATOR_USER], inbox)
+        assert rc == 0
+        agg.subscribe("edge-rt/#", qos=1)
+        time.sleep(0.3)
+        site, rc = _client(m.port, "site-a", m.passwords["site-a"])
+        assert rc == 0
+        for topic in ("edge-rt/f/site/site-b/up/t/m", "edge-rt/f/dev/d1/up/t/m",
+                      "edge-rt/f/agg/round", "edge-rt/f/dev/d1/register",
+                      "edge-rt/f/site/site-a/up/t/m"):
+            site.publish(topic, b"x", qos=1).wait_for_publish(5)
+        got = {inbox.get(timeout=5)[0]}
+        time.sleep(0.5)
+        while not inbox.empty():
+            got.add(inbox.get()[0])
+        assert got == {"edge-rt/f/dev/d1/register", "edge-rt/f/site/site-a/up/t/m"}
+        bad, rc = _client(m.port, "site-b", m.passwords["site-a"])
+        bad.loop_stop()
+        assert rc != 0
+        for c in (agg, site):
+            c.loop_stop()
+            c.disconnect()
