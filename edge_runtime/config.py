@@ -505,6 +505,9 @@ class FleetConfig:
         round_timeout_s: seconds from announcement to deadline.
         max_update_bytes: transfers declaring or sending more are rejected (oversize).
         max_update_norm: bound on ||scale * B A||_F of any module of an update.
+        serve_sites: also publish the whole global adapter each round for site
+            aggregators (`edge-rt site`), whose partial sums this aggregator merges
+            (hierarchical aggregation, docs/SCALING.md).
         chunk_size: bytes per chunk on the wire (<= 64 KiB suits cloud brokers).
         compression: downlink/uplink tensor encoding: fp32 | fp16 | int8.
         wait_for_clients_s: before round 0, wait up to this long for min_clients to register.
@@ -532,6 +535,7 @@ class FleetConfig:
     round_timeout_s: float = 60.0
     max_update_bytes: int = 64 << 20
     max_update_norm: float = 1e4
+    serve_sites: bool = False
     chunk_size: int = 64 * 1024
     compression: Compression = Compression.FP32
     wait_for_clients_s: float = 120.0
@@ -1018,6 +1022,10 @@ class RunConfig:
     def __post_init__(self) -> None:
         self.train.seed = self.seed  # the run has one seed
         check_robust(self.strategy.name, self.fleet.robust)
+        if (self.fleet.serve_sites or self.sim.sites) and self.fleet.robust != "none":
+            raise ConfigError(f"fleet.robust = {self.fleet.robust} is not a sum over devices, "
+                              "so sites cannot pre-aggregate it; hierarchical aggregation "
+                              "needs fleet.robust = 'none'")
 
     def to_json(self) -> dict:
         """A run file's content (what `from_dict` reads back): train.seed is the run's seed,

@@ -25,7 +25,7 @@ COMMANDS: tuple[str, ...] = (
     "export",
     "eval",
     "profile",
-    "demo", "agent", "aggregator",
+    "demo", "agent", "aggregator", "site",
     "data", "simulate", "compare",
 )
 
@@ -57,6 +57,8 @@ EXAMPLES: dict[str, str] = {
              "--data rows.jsonl --model smollm2-135m",
     "aggregator": "edge-rt aggregator --config run.toml --broker mqtt://127.0.0.1:1883 "
                   "--state state/",
+    "site": "edge-rt site --broker mqtt://127.0.0.1:1883 --username aggregator "
+            "--site-id site-a --state site-state/",
     "data": "edge-rt data pull sentiment --clients 5 --partition dirichlet",
     "simulate": "edge-rt simulate --model tiny --data sentiment --strategy flora --out runs/sim",
     "compare": "edge-rt compare experiments/bucket_effect.toml --out runs/bucket_effect",

@@ -25,7 +25,8 @@ ROUND_FLAGS = {
 }
 FLAGS = {**ROUND_FLAGS, **MQTT_FLAGS, "min_clients": "fleet.min_clients",
          "max_clients": "fleet.max_clients", "fraction": "fleet.fraction",
-         "wait_for_clients_s": "fleet.wait_for_clients_s", "eval": "data.eval",
+         "wait_for_clients_s": "fleet.wait_for_clients_s", "sites": "fleet.serve_sites",
+         "eval": "data.eval",
          "eval_max": "data.eval_max"}
 
 
@@ -53,6 +54,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-clients", type=int, help="per round (0 = all online)")
     p.add_argument("--fraction", type=float, help="share of online devices selected per round")
     p.add_argument("--wait-for-clients-s", type=positive_float)
+    p.add_argument("--sites", action="store_const", const=True,
+                   help="serve site aggregators (`edge-rt site`) too: publish the whole "
+                   "global adapter each round and merge their partial sums")
     p.add_argument("--state", required=True, metavar="DIR",
                    help="state directory (resumed if it exists)")
     p.add_argument("--eval", metavar="FILE.jsonl", help="held-out rows for eval_loss per round")
@@ -106,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
 
     node = AggregatorNode(svc, run_cfg.mqtt, on_round=progress,
                           wait_for_clients_s=run_cfg.fleet.wait_for_clients_s,
-                          threads=args.threads)
+                          threads=args.threads, sites=run_cfg.fleet.serve_sites)
     web = None
     if args.http_port is not None:
         from edge_runtime.observe.http import ObserveServer

@@ -14,7 +14,7 @@ FLAGS = {"model": "model.name", "clients": "sim.clients", "rounds": "fleet.round
          "data": "data.path", "partition": "data.partition", "eval_max": "data.eval_max",
          "strategy": "strategy.name", "local_steps": "train.steps",
          "round_timeout_s": "fleet.round_timeout_s", "compression": "fleet.compression",
-         "seed": "seed"}
+         "seed": "seed", "sites": "sim.sites"}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -35,6 +35,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--broker", metavar="URL",
                    help="use this MQTT broker (default: a Mosquitto started for the demo "
                    "when installed, else the embedded broker)")
+    p.add_argument("--sites", type=positive_int, metavar="N",
+                   help="a two-level fleet: N site Mosquittos bridged over TLS to a root "
+                   "Mosquitto, a site aggregator each folding its devices' updates into "
+                   "partial sums for the root (needs mosquitto; docs/SCALING.md)")
     p.add_argument("--http-port", type=int, default=0, metavar="PORT",
                    help="serve the fleet status page, status.json and Prometheus /metrics "
                    "on 127.0.0.1:PORT (default 0: a free port; -1: off)")
@@ -69,7 +73,11 @@ def run(args: argparse.Namespace) -> int:
         logging.getLogger("edge_runtime").setLevel(logging.WARNING)
     model = args.model or (load_run_file(args.config).get("model", {}).get("name", "tiny")
                            if args.config else "tiny")
-    cfg = resolve_run(args, FLAGS, base=demo_base(str(model)))
+    if args.sites and args.broker:
+        raise ConfigError("--sites starts its own brokers (a root and one per site); drop "
+                          "--broker")
+    base = demo_base(str(model)) | ({"sim.transport": "mqtt"} if args.sites else {})
+    cfg = resolve_run(args, FLAGS, base=base)
     cfg.fleet.min_clients = cfg.sim.clients  # every demo device takes part in every round
     if args.http_port < -1 or args.http_port > 65535:
         raise ConfigError(f"--http-port must be a port, 0 (free port) or -1 (off), got "

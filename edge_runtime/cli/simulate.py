@@ -30,6 +30,7 @@ FLAGS = {
     "classes": "sim.device_classes", **PLAN_FLAGS, "deadline": "sim.deadline_s", "eval_max": "data.eval_max", "seed": "seed",
     "transport": "sim.transport", "broker": "sim.broker", "backend": "sim.backend",
     "ray_address": "sim.ray_address", "ray_workers": "sim.ray_workers", "compression": "fleet.compression",
+    "sites": "sim.sites",
 }
 
 
@@ -67,6 +68,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="with --backend ray: actors training devices (default 2)")
     p.add_argument("--broker", metavar="URL", help="with --transport mqtt: this broker "
                    "(default: one started for the run)")
+    p.add_argument("--sites", type=positive_int, metavar="N",
+                   help="with --transport mqtt: N site brokers bridged (TLS) to a root "
+                   "broker, a site aggregator each, the root merging their partial sums")
     p.add_argument("--compression", choices=[m.value for m in Compression])
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(func=run)

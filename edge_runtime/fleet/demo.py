@@ -45,6 +45,7 @@ from edge_runtime.fleet.mosquitto import AGGREGATOR_USER, LocalMosquitto, find_m
 from edge_runtime.fleet.server import AggregatorNode
 from edge_runtime.rounds.build import build_service, make_evaluator
 from edge_runtime.rounds.server import RoundRecord
+from edge_runtime.transport.mqtt_sites import SiteTopology
 
 __all__ = ["run_demo", "demo_data", "DEVICE_CLASSES"]
 
@@ -96,9 +97,21 @@ def run_demo(run: RunConfig, out: Path, broker_url: str | None = None,
     t_start = time.monotonic()
     files, eval_rows = demo_data(run, out / "data")
     device_ids = [f"dev{k}" for k in range(len(files))]
-    broker: EmbeddedBroker | LocalMosquitto | None = None
+    broker: EmbeddedBroker | LocalMosquitto | SiteTopology | None = None
     passwords: dict[str, str] = {}
-    if broker_url is not None:
+    agents: dict[str, tuple[str, str | None]] = {}  # device -> (its broker, its password)
+    if run.sim.sites:
+        topo = SiteTopology(device_ids, run.sim.sites, run.fleet, None, run.mqtt)
+        broker = topo.start()
+        root = topo.root_mqtt()
+        url, passwords = root.url, {AGGREGATOR_USER: root.password or ""}
+        for dev in device_ids:
+            dm = topo.device_mqtt(dev)
+            agents[dev] = (dm.url, dm.password)
+        _say(f"{run.sim.sites} sites: a Mosquitto each with a site aggregator, bridged over "
+             f"TLS to the root Mosquitto on {url} (deploy/mosquitto/site.conf); devices "
+             f"dealt to sites {topo.home}")
+    elif broker_url is not None:
         url = broker_url
         _say(f"MQTT broker {url} (given)")
     elif find_mosquitto() is not None:
@@ -112,8 +125,10 @@ def run_demo(run: RunConfig, out: Path, broker_url: str | None = None,
         url = f"mqtt://127.0.0.1:{broker.port}"
         _say(f"embedded MQTT broker on {url} (no mosquitto found, or EDGE_RT_MOSQUITTO=none; "
              "apt-get install mosquitto for the production setup; no passwords, no ACL)")
+    for dev in device_ids:
+        agents.setdefault(dev, (url, passwords.get(dev)))
     try:
-        return _run_fleet(run, out, url, passwords, device_ids, files, eval_rows,
+        return _run_fleet(run, out, url, passwords, agents, files, eval_rows,
                           join_timeout_s, t_start, http_port, http_linger_s)
     finally:
         if broker is not None:
@@ -121,7 +136,8 @@ def run_demo(run: RunConfig, out: Path, broker_url: str | None = None,
 
 
 def _run_fleet(run: RunConfig, out: Path, url: str, passwords: dict[str, str],
-               device_ids: list[str], files: list[Path], eval_rows: list[Example],
+               agents: dict[str, tuple[str, str | None]], files: list[Path],
+               eval_rows: list[Example],
                join_timeout_s: float, t_start: float, http_port: int | None,
                http_linger_s: float) -> dict[str, Any]:
     n_clients = run.sim.clients
@@ -151,7 +167,7 @@ def _run_fleet(run: RunConfig, out: Path, url: str, passwords: dict[str, str],
              f"{rec.time_s:.1f} s" + (f", rejected {rec.rejected}" if rec.rejected else ""))
 
     node = AggregatorNode(svc, mq, on_round=on_round, wait_for_clients_s=join_timeout_s,
-                          linger_s=3.0, start_clients=n_clients)
+                          linger_s=3.0, start_clients=n_clients, sites=bool(run.sim.sites))
     web = None
     if http_port is not None:
         from edge_runtime.observe.http import ObserveServer
@@ -160,8 +176,8 @@ def _run_fleet(run: RunConfig, out: Path, url: str, passwords: dict[str, str],
         _say(f"fleet status page {web.url} (JSON {web.url}status.json, Prometheus "
              f"{web.url}metrics)")
     try:
-        metrics = _serve_fleet(run, out, url, mq, passwords, device_ids, files, svc, node,
-                               loaded, base, wire, last, t_start)
+        metrics = _serve_fleet(run, out, mq, agents, files, svc, node, loaded, base, wire,
+                               last, t_start)
         if web is not None and http_linger_s > 0:  # not after a failure or Ctrl-C
             _say(f"status page stays up {http_linger_s:.0f} s more: {web.url}")
             time.sleep(http_linger_s)
@@ -171,8 +187,8 @@ def _run_fleet(run: RunConfig, out: Path, url: str, passwords: dict[str, str],
             web.stop()
 
 
-def _serve_fleet(run: RunConfig, out: Path, url: str, mq: Any, passwords: dict[str, str],
-                 device_ids: list[str], files: list[Path], svc: Any, node: AggregatorNode,
+def _serve_fleet(run: RunConfig, out: Path, mq: Any, agents: dict[str, tuple[str, str | None]],
+                 files: list[Path], svc: Any, node: AggregatorNode,
                  loaded: Any, base: RoundRecord, wire: list[tuple[int, int]],
                  last: list[tuple[int, int]], t_start: float) -> dict[str, Any]:
     base_loss = base.eval_loss
@@ -184,8 +200,8 @@ def _serve_fleet(run: RunConfig, out: Path, url: str, mq: Any, passwords: dict[s
     # N trainers share this machine's cores: one thread each avoids oversubscription
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     try:
-        for k, data in enumerate(files):
-            dev = device_ids[k]
+        for k, (data, (dev, (url, password))) in enumerate(zip(files, agents.items(),
+                                                                 strict=True)):
             cls = DEVICE_CLASSES[k % len(DEVICE_CLASSES)]
             cmd = [sys.executable, "-m", "edge_runtime", "agent", "--broker", url,
                    "--device-id", dev, "--device-class", cls, "--data", str(data),
@@ -194,9 +210,9 @@ def _serve_fleet(run: RunConfig, out: Path, url: str, mq: Any, passwords: dict[s
                    "--compression", run.fleet.compression.value, "--fleet", mq.fleet,
                    "--prefix", mq.prefix]
             agent_env = env
-            if passwords:  # its own user; the password in the environment, not in argv
+            if password is not None:  # its own user; the password in the environment
                 cmd += ["--username", dev]
-                agent_env = {**env, "EDGE_RT_MQTT_PASSWORD": passwords[dev]}
+                agent_env = {**env, "EDGE_RT_MQTT_PASSWORD": password}
             elif mq.username:
                 cmd += ["--username", mq.username]
                 agent_env = {**env, "EDGE_RT_MQTT_PASSWORD": mq.password or ""}

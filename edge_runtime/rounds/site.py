@@ -52,11 +52,12 @@ class SiteService:
         site_id: the site's id (topics and the root's journal name it).
         fleet: the fleet's limits (max_update_bytes, max_update_norm, weight_cap); the
             root's values, so that a site accepts what the root would.
-        fingerprint: the base model fingerprint of the fleet.
+        fingerprint: the base model fingerprint of the fleet; None: the root's (from its
+            announcements), so a site aggregator needs no model.
         state_dir: where accepted updates and sent marks are kept (created).
     """
 
-    def __init__(self, site_id: str, fleet: FleetConfig, fingerprint: str,
+    def __init__(self, site_id: str, fleet: FleetConfig, fingerprint: str | None,
                  state_dir: Path) -> None:
         self.site_id = check_id(site_id, "site id")
         self.cfg = fleet
@@ -89,6 +90,8 @@ class SiteService:
     def open_round(self, ann: RoundAnnouncement, global_adapter: Adapter) -> None:
         """Follow the root's round `ann.round` (its whole global adapter); resumes the
         round's accepted updates from the state directory."""
+        if self.fingerprint is None:
+            self.fingerprint = ann.fingerprint
         if ann.fingerprint != self.fingerprint:
             raise ProtocolError(f"the root's round is for base {ann.fingerprint[:16]}, this "
                                 f"site's is {self.fingerprint[:16]}; start the site with the "
@@ -131,8 +134,9 @@ class SiteService:
             check_id(dev, "update")
         except ProtocolError as e:
             return self._reject(dev, "bad_manifest", str(e))
-        ann, g = self.ann, self.global_adapter
-        if ann is None or g is None or manifest.round != ann.round or ann.finished:
+        ann, g, fp = self.ann, self.global_adapter, self.fingerprint
+        if (ann is None or g is None or fp is None or manifest.round != ann.round
+                or ann.finished):
             return self._reject(dev, "stale_round", f"update for round {manifest.round}, the "
                                 f"site follows round {self.round}")
         dp = ann.devices.get(dev)
@@ -147,7 +151,7 @@ class SiteService:
         plan = ClientPlan.from_json(dp.plan)
         try:
             adapter, claimed = decode_checked(payload, manifest, round=ann.round, plan=plan,
-                                              global_adapter=g, fingerprint=self.fingerprint,
+                                              global_adapter=g, fingerprint=fp,
                                               max_norm=self.cfg.max_update_norm)
         except TransferError as e:
             return self._reject(dev, e.reason, e.detail)

@@ -38,7 +38,7 @@ class SiteTopology:
         devices: device ids (dealt to sites in turn).
         n_sites: number of sites.
         fleet: the fleet's limits (sites accept what the root would).
-        fingerprint: the base model's fingerprint.
+        fingerprint: the base model's fingerprint (None: the root's, from its rounds).
         mqtt: topic prefix and fleet name (the URL and credentials are filled in).
         flush_s: a site forwards what it holds after this long without a new update.
     """
@@ -46,7 +46,7 @@ class SiteTopology:
     devices: list[str]
     n_sites: int
     fleet: FleetConfig
-    fingerprint: str
+    fingerprint: str | None
     mqtt: MqttConfig
     flush_s: float = 2.0
     root: LocalMosquitto | None = field(default=None, init=False)

@@ -84,3 +84,37 @@ def test_fleet_cli_bad_input_is_one_line_exit_2(tmp_path: Path,
         err = capsys.readouterr().err
         assert code == 2, (args, err)
         assert len([ln for ln in err.splitlines() if "error" in ln]) == 1, err
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_two_site_demo_gives_the_flat_demo_global(tmp_path: Path) -> None:
+    """`edge-rt demo --sites 2`: two site Mosquittos bridged over TLS to a root Mosquitto,
+    two site aggregators, the root, agent processes: the global adapter and the held-out
+    loss of every round are the flat demo's (the same seed, so the same updates)."""
+    from edge_runtime.adapter_io import load_adapter
+    from edge_runtime.datasets.build import pull_dataset
+    from edge_runtime.fleet.mosquitto import find_mosquitto
+
+    if find_mosquitto() is None:
+        pytest.skip("needs mosquitto")
+    data = tmp_path / "sent"
+    pull_dataset("sentiment", data, n_clients=3, partition="domain",
+                 raw=REPO / "tests" / "datasets" / "fixtures" / "sentiment")
+    runs = {}
+    for name, extra in (("flat", []), ("tree", ["--sites", "2"])):
+        out = tmp_path / name
+        r = _cli("demo", "--out", str(out), "--clients", "3", "--rounds", "2", "--data",
+                 str(data), "--http-port", "-1", *extra, timeout=190)
+        assert r.returncode == 0, r.stderr[-2000:]
+        runs[name] = (json.loads((out / "metrics.json").read_text()),
+                      load_adapter(out / "adapter")[0])
+    (mf, af), (mt, at) = runs["flat"], runs["tree"]
+    for rf, rt in zip(mf["rounds"], mt["rounds"], strict=True):
+        assert rt["participants"] == rf["participants"] and rt["stragglers"] == 0
+        assert rt["eval_loss"] == pytest.approx(rf["eval_loss"], abs=1e-4)
+    assert set(af) == set(at)
+    for name, w in af.items():
+        d = w.delta().double()
+        assert (at[name].delta().double() - d).norm() <= 1e-5 * max(1.0, float(d.norm()))
+    assert any(w.lora_b.abs().sum() > 0 for w in at.values())
