@@ -508,6 +508,9 @@ class FleetConfig:
         serve_sites: also publish the whole global adapter each round for site
             aggregators (`edge-rt site`), whose partial sums this aggregator merges
             (hierarchical aggregation, docs/SCALING.md).
+        secagg: secure aggregation (SecAgg+, `edge_runtime.secagg`): the server sees
+            only masked updates and merges their sum; fedavg, hetlora, legend, flexlora
+            and sa-fedlora (docs/PRIVACY.md). In-process simulation only so far.
         chunk_size: bytes per chunk on the wire (<= 64 KiB suits cloud brokers).
         compression: downlink/uplink tensor encoding: fp32 | fp16 | int8.
         wait_for_clients_s: before round 0, wait up to this long for min_clients to register.
@@ -536,6 +539,7 @@ class FleetConfig:
     max_update_bytes: int = 64 << 20
     max_update_norm: float = 1e4
     serve_sites: bool = False
+    secagg: bool = False
     chunk_size: int = 64 * 1024
     compression: Compression = Compression.FP32
     wait_for_clients_s: float = 120.0
@@ -629,7 +633,7 @@ class AgentConfig:
 
 __all__ += ["MqttConfig", "FleetConfig", "Compression", "AgentConfig", "DEVICE_ID_RE",
             "WeightCap", "parse_robust", "check_robust", "ROBUST_FACTOR_STRATEGIES",
-            "ROBUST_PRODUCT_STRATEGIES"]
+            "SECAGG_STRATEGIES", "ROBUST_PRODUCT_STRATEGIES"]
 
 
 # --- Profiler (edge_runtime/profiler) ------------------------------------------------------
@@ -718,6 +722,9 @@ class StrategyName(str, enum.Enum):
 
 # Strategies whose aggregate is an average, so a robust statistic can replace it
 # (`fl.robust`): over zero-padded factors, or over dense products.
+# what secure aggregation can sum (edge_runtime.secagg.layout): not FLoRA's stacks
+SECAGG_STRATEGIES = (StrategyName.FEDAVG, StrategyName.HETLORA, StrategyName.LEGEND,
+                     StrategyName.FLEXLORA, StrategyName.SA_FEDLORA)
 ROBUST_FACTOR_STRATEGIES = (StrategyName.FEDAVG, StrategyName.HETLORA, StrategyName.LEGEND)
 ROBUST_PRODUCT_STRATEGIES = (StrategyName.FLEXLORA,)
 
@@ -1022,6 +1029,15 @@ class RunConfig:
     def __post_init__(self) -> None:
         self.train.seed = self.seed  # the run has one seed
         check_robust(self.strategy.name, self.fleet.robust)
+        if self.fleet.secagg:
+            if self.strategy.name not in SECAGG_STRATEGIES:
+                raise ConfigError(f"fleet.secagg cannot sum {self.strategy.name.value}: its "
+                                  "aggregate stacks each device's factors, which a masked sum "
+                                  "hides")
+            if self.fleet.robust != "none" or self.sim.transport is not Transport.INPROC:
+                raise ConfigError("fleet.secagg runs in the in-process simulation "
+                                  "(sim.transport = inproc) with fleet.robust = 'none': a "
+                                  "robust statistic needs each update, which SecAgg hides")
         if (self.fleet.serve_sites or self.sim.sites) and self.fleet.robust != "none":
             raise ConfigError(f"fleet.robust = {self.fleet.robust} is not a sum over devices, "
                               "so sites cannot pre-aggregate it; hierarchical aggregation "

@@ -56,7 +56,12 @@ from edge_runtime.files import atomic_write
 from edge_runtime.fl.registry import make_strategy
 from edge_runtime.fl.types import Accumulator, ClientPlan, ClientUpdate, PartialSum
 from edge_runtime.fl.types import UpdateMismatchError as StrategyRefused
-from edge_runtime.fleet.codec import decode_adapter, decode_partial, encode_adapter
+from edge_runtime.fleet.codec import (
+    decode_adapter,
+    decode_partial,
+    encode_adapter,
+    encode_partial,
+)
 from edge_runtime.fleet.protocol import (
     PROTOCOL_VERSION,
     DevicePlan,
@@ -576,6 +581,29 @@ class AggregatorService:
                            for n in devices.values())):
             return self.count_rejection(who, "bad_manifest", "a partial's meta must name its "
                                         "round and {device: n_samples > 0} of every device in it")
+        return self._take_partial(who, site_id, manifest.transfer_id, partial, meta, payload,
+                                  len(payload))
+
+    def accept_secure_sum(self, partial: PartialSum, devices: list[str], bytes_up: int,
+                          bytes_down: int) -> Verdict:
+        """Merge the open round's securely aggregated sum (`secagg`): the survivors' one-
+        device partial sums added under masks; the server never saw one of them.
+        `bytes_up` / `bytes_down`: the protocol's traffic this round."""
+        op = self.st.open
+        if op is None:
+            return self.count_rejection("secagg", "stale_round", "no open round")
+        meta = {"round": self.round, "site": "secagg", "devices": {d: 1 for d in devices}}
+        data = encode_partial(partial, meta)
+        self.st.round_bytes[1] += bytes_down
+        return self._take_partial("secure sum", "secagg", f"r{self.round}", partial, meta, data,
+                                  bytes_up)
+
+    def _take_partial(self, who: str, site_id: str, tid: str, partial: PartialSum,
+                      meta: dict[str, Any], data: bytes, nbytes: int) -> Verdict:
+        """Check a decoded partial's devices against the open round, journal, merge."""
+        op = self.st.open
+        assert op is not None
+        devices = meta["devices"]
         unknown = sorted(set(devices) - set(op.plans))
         if unknown:
             return self.count_rejection(who, "not_selected",
@@ -584,11 +612,11 @@ class AggregatorService:
         if twice:
             return self.count_rejection(who, "duplicate", f"{twice[0]} is already in round "
                                         f"{self.round}; nothing of this partial was merged")
-        self.st.round_bytes[0] += len(payload)
+        self.st.round_bytes[0] += nbytes
         jdir = self._journal_dir(self.round)
         jdir.mkdir(parents=True, exist_ok=True)
-        path = jdir / f"{site_id}.{manifest.transfer_id}.part"
-        atomic_write(path, payload)
+        path = jdir / f"{site_id}.{tid}.part"
+        atomic_write(path, data)
         try:
             self._merge_partial(partial, meta)
         except (StrategyRefused, ConfigError) as e:

@@ -24,14 +24,11 @@ import numpy as np
 import torch
 
 from edge_runtime.adapter import Adapter
-from edge_runtime.config import StrategyName
+from edge_runtime.config import SECAGG_STRATEGIES, StrategyName
 from edge_runtime.errors import ConfigError
 from edge_runtime.fl.types import PartialSum
 
 __all__ = ["Layout", "layout_for", "SECAGG_STRATEGIES"]
-
-SECAGG_STRATEGIES = (StrategyName.FEDAVG, StrategyName.HETLORA, StrategyName.LEGEND,
-                     StrategyName.FLEXLORA, StrategyName.SA_FEDLORA)
 
 
 @dataclass(frozen=True)

@@ -81,12 +81,20 @@ def run_inproc(service: AggregatorService, devices: list[SimDevice], loaded: Loa
             task = RoundTask.from_announced(ann.round, dp.plan, ann.strategy, dp.train)
             if scheduler.will_train(dev, ann.round, len(data), task):
                 jobs.append(Job(dev, data, task))
+        sent: dict[str, tuple[bytes, int]] = {}
         for dev, payload, n in train(jobs):
             if not scheduler.will_send(dev, ann.round, len(payload)):
+                continue
+            if service.cfg.secagg:  # masked, below; the server never holds the update
+                sent[dev] = (payload, n)
                 continue
             m = make_manifest(payload, kind="update", round=ann.round, device_id=dev,
                               compression=compression.value, meta={"n_samples": n})
             service.accept_update(dev, m, payload)
+        if service.cfg.secagg:
+            from edge_runtime.secagg.inproc import secure_round
+
+            secure_round(service, [j.device_id for j in jobs], sent)
         rec = None
         while rec is None:  # below quorum: simulated failures are final, extensions bring none
             rec = service.close_round(duration_s=scheduler.duration(ann.round))
