@@ -55,22 +55,34 @@ def _client(port: int, user: str, password: str, inbox: queue.Queue | None = Non
     return c, int(rc.value if hasattr(rc, "value") else rc)
 
 
+def _listen(m: LocalMosquitto) -> tuple[mqtt.Client, queue.Queue]:
+    """The aggregator user subscribed to everything of the prefix, and its inbox."""
+    inbox: queue.Queue = queue.Queue()
+    agg, rc = _client(m.port, AGGREGATOR_USER, m.passwords[AGGREGATOR_USER], inbox)
+    assert rc == 0
+    agg.subscribe("edge-rt/#", qos=1)
+    time.sleep(0.3)
+    return agg, inbox
+
+
+def _received(inbox: queue.Queue) -> list[tuple[str, bytes]]:
+    """What arrives: the first message within 5 s, then all within 0.5 s more."""
+    got = [inbox.get(timeout=5)]
+    time.sleep(0.5)
+    while not inbox.empty():
+        got.append(inbox.get())
+    return got
+
+
 @pytest.mark.timeout(60)
 def test_devices_write_only_their_own_topics_and_need_their_password() -> None:
     with LocalMosquitto(["dev0", "dev1"]) as m:
-        inbox: queue.Queue = queue.Queue()
-        agg, rc = _client(m.port, AGGREGATOR_USER, m.passwords[AGGREGATOR_USER], inbox)
-        assert rc == 0
-        agg.subscribe("edge-rt/#", qos=1)
-        time.sleep(0.3)
+        agg, inbox = _listen(m)
         dev0, rc = _client(m.port, "dev0", m.passwords["dev0"])
         assert rc == 0
         dev0.publish("edge-rt/default/dev/dev1/update", b"forged", qos=1).wait_for_publish(5)
         dev0.publish("edge-rt/default/dev/dev0/update", b"own", qos=1).wait_for_publish(5)
-        got = [inbox.get(timeout=5)]
-        time.sleep(0.5)
-        while not inbox.empty():
-            got.append(inbox.get())
+        got = _received(inbox)
         assert got == [("edge-rt/default/dev/dev0/update", b"own")]  # the forgery never arrived
         bad, rc = _client(m.port, "dev1", m.passwords["dev0"])  # another device's password
         bad.loop_stop()
@@ -87,21 +99,14 @@ def test_a_site_bridge_writes_only_its_own_partials() -> None:
     """On a root broker, site-a's user may forward registrations and send site-a's
     partials, not site-b's nor a device's update; a wrong password is refused."""
     with LocalMosquitto([], sites=["site-a", "site-b"]) as m:
-        inbox: queue.Queue = queue.Queue()
-        agg, rc = _client(m.port, AGGREGATOR_USER, m.passwords[AGGREGATOR_USER], inbox)
-        assert rc == 0
-        agg.subscribe("edge-rt/#", qos=1)
-        time.sleep(0.3)
+        agg, inbox = _listen(m)
         site, rc = _client(m.port, "site-a", m.passwords["site-a"])
         assert rc == 0
         for topic in ("edge-rt/f/site/site-b/up/t/m", "edge-rt/f/dev/d1/up/t/m",
                       "edge-rt/f/agg/round", "edge-rt/f/dev/d1/register",
                       "edge-rt/f/site/site-a/up/t/m"):
             site.publish(topic, b"x", qos=1).wait_for_publish(5)
-        got = {inbox.get(timeout=5)[0]}
-        time.sleep(0.5)
-        while not inbox.empty():
-            got.add(inbox.get()[0])
+        got = {topic for topic, _ in _received(inbox)}
         assert got == {"edge-rt/f/dev/d1/register", "edge-rt/f/site/site-a/up/t/m"}
         bad, rc = _client(m.port, "site-b", m.passwords["site-a"])
         bad.loop_stop()
