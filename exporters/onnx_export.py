@@ -12,9 +12,13 @@ T, P and every r_m are symbolic, so one graph runs prefill, decode and adapters 
 rank (zero factors with a zero scale = no adapter). The KV cache is explicit state: the
 runner feeds `present_*` back as `past_*`. Positions are P + arange(T).
 
-Optional weight quantization afterwards with ONNX Runtime's `MatMulNBitsQuantizer`
-(`int4`: 4-bit asymmetric blocks of 32; `int8`: 8-bit blocks of 32). Only MatMuls with a
-constant weight are touched: the LoRA MatMuls read graph inputs and stay fp32.
+Optional weight quantization afterwards as `MatMulNBits` in blocks of 32: `int4` on
+GGUF's Q4_1 grid (a scale and a float zero point per block, `exporters.onnx_int4`: a
+Q4_1 GGUF's weights come back exactly) with the LM head (the tied embedding) on Q8_0's
+8-bit grid, as GGUF files keep it; int8 activations in the matmuls (accuracy level 4);
+`int8` with ONNX Runtime's
+`MatMulNBitsQuantizer`. Only MatMuls with a constant weight are touched: the LoRA
+MatMuls read graph inputs and stay fp32.
 """
 
 from __future__ import annotations
@@ -161,19 +165,28 @@ def export_onnx(model: CausalLM, cfg: ExportConfig, out_dir: Path, slots: SlotSh
     prog.save(str(path), external_data=False)
     t1 = time.perf_counter()
     if cfg.quant is not ExportQuant.NONE:
-        quantize_onnx(path, cfg.quant)
+        quantize_onnx(path, cfg.quant, model.config.vocab_size)
     t2 = time.perf_counter()
     log.info("onnx: export %.1fs, quantize %.1fs", t1 - t0, t2 - t1)
     return {"program": ONNX_NAME, "seconds": {"export": t1 - t0, "quantize": t2 - t1}}
 
 
-def quantize_onnx(path: Path, quant: ExportQuant) -> None:
-    """Rewrite constant-weight MatMuls of `path` as `MatMulNBits` (asymmetric, blocks of 32)."""
+def quantize_onnx(path: Path, quant: ExportQuant, vocab_size: int = 0) -> None:
+    """Rewrite constant-weight MatMuls of `path` as `MatMulNBits` in blocks of 32: int4 on
+    the Q4_1 grid with float zero points (`exporters.onnx_int4`), int8 with ONNX Runtime's
+    quantizer (asymmetric)."""
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    bits = {ExportQuant.INT4: 4, ExportQuant.INT8: 8}[quant]
     model = onnx.load(str(path))
+    if quant is ExportQuant.INT4:
+        from exporters.onnx_int4 import quantize_matmuls_q4
+
+        n = quantize_matmuls_q4(model, QUANT_BLOCK, head_n=vocab_size, accuracy_level=4)
+        log.info("onnx int4: %d MatMuls on the Q4_1 grid", n)
+        onnx.save_model(model, str(path), save_as_external_data=False)
+        return
+    bits = {ExportQuant.INT8: 8}[quant]
     q = MatMulNBitsQuantizer(model, bits=bits, block_size=QUANT_BLOCK, is_symmetric=False,
                              accuracy_level=4)
     q.process()
