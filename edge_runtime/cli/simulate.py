@@ -14,7 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from edge_runtime.cli.common import positive_float, positive_int
-from edge_runtime.cli.run_args import PLAN_FLAGS, add_plan_args, add_run_file_args, resolve_run
+from edge_runtime.cli.run_args import (
+    DP_FLAGS,
+    PLAN_FLAGS,
+    add_dp_args,
+    add_plan_args,
+    add_run_file_args,
+    resolve_run,
+)
 from edge_runtime.config import Backend, Compression, QuantMode, StrategyName, Transport
 
 __all__ = ["register", "run", "plot_metrics", "FLAGS"]
@@ -30,6 +37,7 @@ FLAGS = {
     "classes": "sim.device_classes", **PLAN_FLAGS, "deadline": "sim.deadline_s", "eval_max": "data.eval_max", "seed": "seed",
     "transport": "sim.transport", "broker": "sim.broker", "backend": "sim.backend",
     "ray_address": "sim.ray_address", "ray_workers": "sim.ray_workers", "compression": "fleet.compression",
+    **DP_FLAGS,
 }
 
 
@@ -68,6 +76,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--broker", metavar="URL", help="with --transport mqtt: this broker "
                    "(default: one started for the run)")
     p.add_argument("--compression", choices=[m.value for m in Compression])
+    add_dp_args(p)
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(func=run)
 
