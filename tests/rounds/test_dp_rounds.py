@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from edge_runtime.cli import main
 from edge_runtime.config import RunConfig
@@ -108,3 +109,58 @@ def test_cli_flags_reach_the_run(six: Path, tmp_path: Path) -> None:
     d = json.loads((out / "metrics.json").read_text())["rounds"][1]["dp"]
     assert (d["clip"], d["noise_multiplier"], d["delta"]) == (0.1, 0.8, 1e-3)
     assert d["epsilon"] == pytest.approx(_reference_epsilon(6, 6, 0.8, 1, 1e-3), rel=1e-9)
+
+
+def _dp_service(tmp: Path, name: str, dp: dict[str, Any]) -> Any:
+    from edge_runtime.config import DPConfig, FleetConfig, StrategyConfig, StrategyName, TrainConfig
+    from edge_runtime.planning import Planner
+    from edge_runtime.rounds.server import AggregatorService
+    from tests.fleet.test_aggregator import FP, SHAPE, SHAPES, Clock
+
+    cfg = FleetConfig(rounds=2, min_clients=1, round_timeout_s=30, clip_multiple=0,
+                      dp=DPConfig(**dp))
+    st = StrategyConfig(StrategyName.FEDAVG)
+    return AggregatorService(cfg, st, TrainConfig(steps=2),
+                             Planner(SHAPE, st, steps=2, deadline_s=30.0), SHAPES, FP,
+                             tmp / name, clock=Clock())
+
+
+def _one_round(tmp: Path, name: str, dp: dict[str, Any], restart: bool = False) -> Any:
+    from edge_runtime.fl.types import ClientPlan
+    from tests.fleet.test_aggregator import register, send, trained
+
+    svc = _dp_service(tmp, name, dp)
+    register(svc, {"a": "pi4", "b": "phone", "c": "pi5"})
+    opened = svc.plan_round()
+    plans = {d: ClientPlan.from_json(p.plan) for d, p in opened.announcement.devices.items()}
+    assert send(svc, "a", trained(plans["a"], 1)).accepted
+    if restart:  # a kill between two updates: the journal is re-folded on start
+        svc = _dp_service(tmp, name, dp)
+        register(svc, {"a": "pi4", "b": "phone", "c": "pi5"})
+    assert send(svc, "b", trained(plans["b"], 2)).accepted
+    rec = svc.close_round(duration_s=1.0)
+    return svc, rec
+
+
+def test_aggregator_dp_status_prometheus_and_resume(tmp_path: Path) -> None:
+    from edge_runtime.observe.status import status_document
+
+    dp = {"clip": 0.01, "noise_multiplier": 1.0, "seed": 5}
+    svc, rec = _one_round(tmp_path, "a", dp)
+    assert rec.dp["clipped"] == 2 and rec.dp["participants"] == 2  # 0.01 clips both
+    assert rec.dp["epsilon"] == pytest.approx(_reference_epsilon(3, 3, 1.0, 1, 1e-5), rel=1e-9)
+    doc = status_document(svc)
+    assert doc["privacy"]["epsilon"] == rec.dp["epsilon"] and doc["rounds"][1]["dp"] == rec.dp
+    from edge_runtime.observe.prometheus import make_registry, metrics_text
+
+    text = metrics_text(make_registry(svc)).decode()
+    assert f"edge_rt_dp_epsilon {rec.dp['epsilon']!r}" in text
+    resumed, rec2 = _one_round(tmp_path, "b", dp, restart=True)
+    assert rec2.dp == rec.dp
+    for n, w in svc.global_adapter.items():  # the same seeded noise on the same sums
+        assert torch.equal(w.lora_b, resumed.global_adapter[n].lora_b)
+    fresh, _ = _one_round(tmp_path, "c", {**dp, "seed": None})  # the OS CSPRNG
+    assert any(not torch.equal(w.lora_b, fresh.global_adapter[n].lora_b)
+               for n, w in svc.global_adapter.items())
+    off, rec_off = _one_round(tmp_path, "d", {"clip": 0.0})
+    assert rec_off.dp is None and status_document(off)["privacy"] is None
