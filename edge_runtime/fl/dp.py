@@ -31,6 +31,7 @@ seed is given (tests, reproducible studies: a known seed makes the noise known).
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Callable, Iterable, Mapping
@@ -52,6 +53,8 @@ from edge_runtime.fl.types import (
 
 __all__ = ["NoiseSource", "factor_embed", "product_embed", "factor_change", "product_change",
            "change_l2", "clip_change", "DPAccumulator"]
+
+log = logging.getLogger(__name__)
 
 Change = dict[str, tuple[torch.Tensor, ...]]
 
@@ -187,6 +190,8 @@ class DPAccumulator:
             for a, t in zip(acc, ts, strict=True):
                 a += t
         self.norms[update.device_id] = norm
+        log.debug("dp: %s changed the model by %.4g (clip %.4g)", update.device_id, norm,
+                  self.clip)
         self._count += 1
 
     def result(self) -> Adapter:
