@@ -7,6 +7,7 @@ export) add their dataclasses here.
 from __future__ import annotations
 
 import enum
+import math
 import re
 import types
 import typing
@@ -483,6 +484,44 @@ def parse_robust(spec: str) -> tuple[str, float]:
 
 
 
+@dataclass
+class DPConfig:
+    """Client-level differential privacy (DP-FedAvg, McMahan et al., ICLR 2018): each
+    device's change of the model is clipped to L2 norm `clip`, the round's sum gets
+    Gaussian noise of std `noise_multiplier` x `clip`, and an accountant reports epsilon
+    at `delta` (`fl.dp`, `fl.privacy`, docs/PRIVACY.md).
+
+    Attributes:
+        clip: bound C on the L2 norm of one device's change per round; 0 = DP off.
+        noise_multiplier: z; the noise on each summed coordinate has std z * C.
+        delta: the delta epsilon is reported at (below 1 / number of devices).
+        seed: seeds the noise and the device selection (tests and reproducible studies
+            only: a known seed makes the noise known and voids the guarantee); None draws
+            both from the OS CSPRNG.
+    """
+
+    clip: float = 0.0
+    noise_multiplier: float = 1.0
+    delta: float = 1e-5
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not (self.clip >= 0 and math.isfinite(self.clip)):
+            raise ConfigError(f"fleet.dp.clip must be >= 0 (0: DP off), got {self.clip}; "
+                              "pass e.g. --dp-clip 0.5")
+        if self.clip > 0 and not (self.noise_multiplier > 0
+                                  and math.isfinite(self.noise_multiplier)):
+            raise ConfigError(f"fleet.dp.noise_multiplier must be positive, got "
+                              f"{self.noise_multiplier}; pass e.g. --dp-noise-multiplier 1.0")
+        if not 0.0 < self.delta < 1.0:
+            raise ConfigError(f"fleet.dp.delta must be in (0, 1), got {self.delta}; pass e.g. "
+                              "--dp-delta 1e-5")
+
+    @property
+    def on(self) -> bool:
+        return self.clip > 0
+
+
 class WeightCap(str, enum.Enum):
     """Bound on the sample count (aggregation weight) a device may claim in a round."""
 
@@ -529,6 +568,7 @@ class FleetConfig:
             or two is the attacker's own).
         robust: none | median | trimmed-mean:BETA: a coordinate-wise statistic instead of
             the strategy's weighted mean (`fl.robust`; fedavg, hetlora, legend, flexlora).
+        dp: client-level differential privacy (`DPConfig`; off unless dp.clip > 0).
     """
 
     rounds: int = 3
@@ -548,8 +588,11 @@ class FleetConfig:
     clip_multiple: float = 3.0
     clip_min_updates: int = 3
     robust: str = "none"
+    dp: DPConfig = field(default_factory=DPConfig)
 
     def __post_init__(self) -> None:
+        if isinstance(self.dp, dict):
+            self.dp = from_dict(DPConfig, self.dp, "fleet.dp")
         self.compression = _enum(Compression, self.compression, "fleet.compression")
         self.weight_cap = _enum(WeightCap, self.weight_cap, "fleet.weight_cap")
         if self.clip_multiple < 0 or (0 < self.clip_multiple < 1):
@@ -633,7 +676,8 @@ class AgentConfig:
 
 __all__ += ["MqttConfig", "FleetConfig", "Compression", "AgentConfig", "DEVICE_ID_RE",
             "WeightCap", "parse_robust", "check_robust", "ROBUST_FACTOR_STRATEGIES",
-            "SECAGG_STRATEGIES", "ROBUST_PRODUCT_STRATEGIES"]
+            "SECAGG_STRATEGIES", "ROBUST_PRODUCT_STRATEGIES", "DPConfig", "check_dp",
+            "DP_FACTOR_STRATEGIES", "DP_PRODUCT_STRATEGIES"]
 
 
 # --- Profiler (edge_runtime/profiler) ------------------------------------------------------
@@ -737,6 +781,51 @@ def check_robust(strategy: StrategyName, spec: str) -> tuple[str, float]:
                           "aggregate is not a plain average); use it with fedavg, hetlora, "
                           "legend or flexlora")
     return mode, beta
+
+
+# Strategies with a DP form (`fl.dp`): their aggregate is a mean over devices, so with equal
+# weights and a fixed denominator one device moves it by at most its clipped change.
+DP_FACTOR_STRATEGIES = ROBUST_FACTOR_STRATEGIES
+DP_PRODUCT_STRATEGIES = ROBUST_PRODUCT_STRATEGIES
+
+
+def check_dp(strategy: StrategyConfig, fleet: FleetConfig) -> None:
+    """Refuse settings under which `fleet.dp` would not give its guarantee (docs/PRIVACY.md).
+
+    Raises:
+        ConfigError: naming the setting and what to change.
+    """
+    if not fleet.dp.on:
+        return
+    name = strategy.name
+    if name not in DP_FACTOR_STRATEGIES + DP_PRODUCT_STRATEGIES:
+        why = {StrategyName.SA_FEDLORA: "not implemented: its importance allocation would "
+               "be post-processing of a noised dense sum as in flexlora, but that path is not "
+               "wired",
+               StrategyName.FLORA: "its global stack releases every device's own factors, "
+               "not their sum, so noise on a sum cannot hide one device"}.get(name, "")
+        raise ConfigError(f"fleet.dp is not available for {name.value} ({why}); use fedavg, "
+                          "hetlora, legend or flexlora, or set fleet.dp.clip = 0")
+    if fleet.robust.strip().lower() != "none":
+        raise ConfigError(f"fleet.dp and fleet.robust = {fleet.robust!r} do not combine (a "
+                          "median's sensitivity is not bounded by the clip); set fleet.robust "
+                          "= \"none\" or fleet.dp.clip = 0")
+    if fleet.clip_multiple > 0:
+        raise ConfigError(f"fleet.dp clips every update at fleet.dp.clip; adaptive clipping "
+                          f"(fleet.clip_multiple = {fleet.clip_multiple}) bounds them by the "
+                          "round's median, which depends on the other devices' data: set "
+                          "fleet.clip_multiple = 0")
+    s = strategy.settings
+    if isinstance(s, HetLoRAConfig):
+        if s.prune:
+            raise ConfigError("fleet.dp with hetlora needs strategy.prune = false: the rank a "
+                              "device prunes to depends on its data and is released through "
+                              "its next plan, without noise")
+        if s.weighting is not Weighting.UNIFORM or s.rankwise:
+            raise ConfigError("fleet.dp with hetlora needs strategy.weighting = \"uniform\" "
+                              "and strategy.rankwise = false: sparsity weights and per-rank "
+                              "denominators depend on the updates, so one device could move "
+                              "the mean by more than its clipped change")
 
 
 @dataclass
@@ -1042,6 +1131,13 @@ class RunConfig:
             raise ConfigError(f"fleet.robust = {self.fleet.robust} is not a sum over devices, "
                               "so sites cannot pre-aggregate it; hierarchical aggregation "
                               "needs fleet.robust = 'none'")
+        check_dp(self.strategy, self.fleet)
+        if self.fleet.dp.clip > 0 and (self.fleet.secagg or self.fleet.serve_sites
+                                       or self.sim.sites):
+            raise ConfigError("fleet.dp clips each device's update at the aggregator, which "
+                              "sees only sums under fleet.secagg or with sites; use DP with "
+                              "flat, unmasked aggregation (device-side clipping with "
+                              "distributed noise is not built)")
 
     def to_json(self) -> dict:
         """A run file's content (what `from_dict` reads back): train.seed is the run's seed,
@@ -1080,9 +1176,17 @@ def _derive(d: dict) -> dict:
 
     - sa-fedlora: the schedule's `rounds` is the run's fleet.rounds, and its
       init/heat/cool rounds are max(1, rounds // 5) each;
-    - hetlora `r_min` and legend `r_min`/`r_max` are the adapter's.
+    - hetlora `r_min` and legend `r_min`/`r_max` are the adapter's;
+    - with DP on (fleet.dp.clip > 0), fleet.clip_multiple is 0 (DP clips every update
+      at its own bound) and hetlora's prune is false and weighting uniform.
     """
     out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in d.items()}
+    fleet = out.get("fleet")
+    dp = fleet.get("dp") if isinstance(fleet, dict) else None
+    dp_on = isinstance(dp, dict) and isinstance(dp.get("clip"), (int, float)) and dp["clip"] > 0
+    if dp_on and isinstance(fleet, dict):
+        fleet.setdefault("clip_multiple", 0.0)
+        out.setdefault("strategy", {})
     st = out.get("strategy")
     if not isinstance(st, dict):
         return out
@@ -1096,6 +1200,9 @@ def _derive(d: dict) -> dict:
                 st.setdefault(key, max(1, rounds // 5))
     if name == StrategyName.HETLORA.value:
         st.setdefault("r_min", adapter.get("r_min", AdapterSpec.r_min))
+        if dp_on:
+            st.setdefault("prune", False)
+            st.setdefault("weighting", Weighting.UNIFORM.value)
     if name == StrategyName.LEGEND.value:
         st.setdefault("r_min", adapter.get("r_min", AdapterSpec.r_min))
         st.setdefault("r_max", adapter.get("r_max", AdapterSpec.r_max))
@@ -1204,18 +1311,18 @@ def load_run_file(path: str | Path) -> dict:
 
 
 def set_key(d: dict, dotted: str, value: Any) -> None:
-    """Set `section.key` (or a top-level `key`) in a nested dict, creating the section."""
+    """Set `section.key`, `section.table.key` (fleet.dp.clip) or a top-level `key` in a
+    nested dict, creating the sections."""
     parts = dotted.split(".")
-    if len(parts) > 2 or not all(parts):
-        raise ConfigError(f"override key {dotted!r} must be KEY or SECTION.KEY, e.g. "
-                          "strategy.gamma")
-    if len(parts) == 1:
-        d[parts[0]] = value
-        return
-    sec = d.setdefault(parts[0], {})
-    if not isinstance(sec, dict):
-        raise ConfigError(f"{parts[0]} is a value, not a section")
-    sec[parts[1]] = value
+    if len(parts) > 3 or not all(parts):
+        raise ConfigError(f"override key {dotted!r} must be KEY, SECTION.KEY or "
+                          "SECTION.TABLE.KEY, e.g. strategy.gamma or fleet.dp.clip")
+    sec = d
+    for i, part in enumerate(parts[:-1]):
+        sec = sec.setdefault(part, {})
+        if not isinstance(sec, dict):
+            raise ConfigError(f"{'.'.join(parts[:i + 1])} is a value, not a section")
+    sec[parts[-1]] = value
 
 
 def parse_override(text: str) -> tuple[str, Any]:

@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TORCH_VERSION="${EDGE_RT_TORCH_VERSION:-2.13.0}"
-EXTRAS="dev,export,plot,observe,flower,ray,secagg"
+EXTRAS="dev,export,plot,observe,flower,ray,dp,secagg"
 [ "${1:-}" = "--core" ] && EXTRAS="dev"
 
 if [ ! -x .venv/bin/python ]; then

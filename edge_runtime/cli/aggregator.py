@@ -10,7 +10,14 @@ from pathlib import Path
 
 from edge_runtime.cli.common import positive_float, positive_int
 from edge_runtime.cli.fleet_common import MQTT_FLAGS, add_mqtt_args
-from edge_runtime.cli.run_args import PLAN_FLAGS, add_plan_args, add_run_file_args, resolve_run
+from edge_runtime.cli.run_args import (
+    DP_FLAGS,
+    PLAN_FLAGS,
+    add_dp_args,
+    add_plan_args,
+    add_run_file_args,
+    resolve_run,
+)
 from edge_runtime.config import Compression, QuantMode, StrategyName
 from edge_runtime.errors import ConfigError
 
@@ -21,7 +28,7 @@ ROUND_FLAGS = {
     "strategy": "strategy.name", "rounds": "fleet.rounds",
     "round_timeout_s": "fleet.round_timeout_s", "model": "model.name", "quant": "model.quant",
     **PLAN_FLAGS, "compression": "fleet.compression", "chunk_size": "fleet.chunk_size",
-    "max_update_norm": "fleet.max_update_norm", "seed": "seed",
+    "max_update_norm": "fleet.max_update_norm", "seed": "seed", **DP_FLAGS,
 }
 FLAGS = {**ROUND_FLAGS, **MQTT_FLAGS, "min_clients": "fleet.min_clients",
          "max_clients": "fleet.max_clients", "fraction": "fleet.fraction",
@@ -44,6 +51,7 @@ def add_round_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-update-mb", type=positive_float)
     p.add_argument("--max-update-norm", type=positive_float)
     p.add_argument("--seed", type=int)
+    add_dp_args(p)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from edge_runtime.cli.common import positive_float, positive_int
-from edge_runtime.cli.run_args import add_run_file_args, resolve_run
+from edge_runtime.cli.run_args import DP_FLAGS, add_dp_args, add_run_file_args, resolve_run
 from edge_runtime.config import Compression, StrategyName
 from edge_runtime.errors import ConfigError
 
@@ -14,7 +14,7 @@ FLAGS = {"model": "model.name", "clients": "sim.clients", "rounds": "fleet.round
          "data": "data.path", "partition": "data.partition", "eval_max": "data.eval_max",
          "strategy": "strategy.name", "local_steps": "train.steps",
          "round_timeout_s": "fleet.round_timeout_s", "compression": "fleet.compression",
-         "seed": "seed", "sites": "sim.sites"}
+         "seed": "seed", "sites": "sim.sites", **DP_FLAGS}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -50,6 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="round deadline (default 60 s on tiny, 600 s on a real model)")
     p.add_argument("--compression", choices=[m.value for m in Compression])
     p.add_argument("--seed", type=int)
+    add_dp_args(p)
     p.set_defaults(func=run)
 
 

@@ -12,13 +12,17 @@ from typing import Any
 
 from edge_runtime.config import RunConfig, load_run_file, parse_override, set_key
 
-__all__ = ["add_run_file_args", "add_plan_args", "resolve_run", "PLAN_FLAGS"]
+__all__ = ["add_run_file_args", "add_plan_args", "add_dp_args", "resolve_run", "PLAN_FLAGS",
+           "DP_FLAGS"]
 
 # flag dest -> run config key, for the flags of `add_plan_args`
 PLAN_FLAGS = {"r_max": "adapter.r_max", "r_min": "adapter.r_min", "depth": "adapter.depth",
               "targets": "adapter.targets", "alpha": "adapter.alpha",
               "local_steps": "train.steps", "lr": "train.lr", "batch_size": "train.batch_size",
               "seq_len": "train.seq_len"}
+# flag dest -> run config key, for the flags of `add_dp_args`
+DP_FLAGS = {"dp_clip": "fleet.dp.clip", "dp_noise_multiplier": "fleet.dp.noise_multiplier",
+            "dp_delta": "fleet.dp.delta"}
 
 
 def add_run_file_args(p: argparse.ArgumentParser) -> None:
@@ -45,6 +49,16 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=positive_float)
     p.add_argument("--batch-size", type=positive_int)
     p.add_argument("--seq-len", type=positive_int)
+
+
+def add_dp_args(p: argparse.ArgumentParser) -> None:
+    """Client-level differential privacy (`fleet.dp`; docs/PRIVACY.md)."""
+    p.add_argument("--dp-clip", type=float, metavar="C",
+                   help="DP: bound on the L2 norm of each device's change per round (0: off)")
+    p.add_argument("--dp-noise-multiplier", type=float, metavar="Z",
+                   help="DP: Gaussian noise std on the round's sum is Z x C")
+    p.add_argument("--dp-delta", type=float, metavar="DELTA",
+                   help="DP: the delta epsilon is reported at (default 1e-5)")
 
 
 def resolve_run(args: argparse.Namespace, flags: dict[str, str],

@@ -14,7 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from edge_runtime.cli.common import positive_float, positive_int
-from edge_runtime.cli.run_args import PLAN_FLAGS, add_plan_args, add_run_file_args, resolve_run
+from edge_runtime.cli.run_args import (
+    DP_FLAGS,
+    PLAN_FLAGS,
+    add_dp_args,
+    add_plan_args,
+    add_run_file_args,
+    resolve_run,
+)
 from edge_runtime.config import Backend, Compression, QuantMode, StrategyName, Transport
 
 __all__ = ["register", "run", "plot_metrics", "FLAGS"]
@@ -31,6 +38,7 @@ FLAGS = {
     "transport": "sim.transport", "broker": "sim.broker", "backend": "sim.backend",
     "ray_address": "sim.ray_address", "ray_workers": "sim.ray_workers", "compression": "fleet.compression",
     "sites": "sim.sites",
+    **DP_FLAGS,
 }
 
 
@@ -72,6 +80,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="with --transport mqtt: N site brokers bridged (TLS) to a root "
                    "broker, a site aggregator each, the root merging their partial sums")
     p.add_argument("--compression", choices=[m.value for m in Compression])
+    add_dp_args(p)
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(func=run)
 

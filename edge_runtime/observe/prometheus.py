@@ -79,6 +79,12 @@ def _families(svc: AggregatorService) -> Iterator[Any]:
     if last is not None and last.eval_loss is not None:
         yield GaugeMetricFamily("edge_rt_eval_loss", "Held-out loss of the latest global model",
                                 value=last.eval_loss)
+    if last is not None and last.dp is not None:
+        yield GaugeMetricFamily("edge_rt_dp_epsilon",
+                                "Client-level DP: epsilon spent so far (at edge_rt_dp_delta)",
+                                value=last.dp["epsilon"])
+        yield GaugeMetricFamily("edge_rt_dp_delta", "Client-level DP: the delta of epsilon",
+                                value=last.dp["delta"])
     if last is not None and last.eval_accuracy is not None:
         yield GaugeMetricFamily("edge_rt_eval_accuracy",
                                 "Held-out choice accuracy of the latest global model",

@@ -3,7 +3,7 @@
 Built from the aggregator's live state on request: the open round and its deadline, each
 device (class, plan, last heard from, whether its update arrived), rejections by reason
 with the latest ones in detail, and one row per closed round (eval metrics, bytes,
-duration). Reading state another thread mutates can meet a dict changing size; the
+duration, and the DP epsilon spent where `fleet.dp` is on). Reading state another thread mutates can meet a dict changing size; the
 snapshot is retried.
 """
 
@@ -34,6 +34,16 @@ class PlanCache:
         if key != self.key:
             self.plans, self.key = svc.plans(), key
         return self.plans
+
+
+def _privacy(svc: AggregatorService) -> dict[str, Any] | None:
+    """Client-level DP (`fleet.dp`): its settings and the epsilon spent so far; None: off."""
+    dp = svc.cfg.dp
+    if not dp.on:
+        return None
+    spent = [r.dp for r in svc.metrics if r.dp is not None]
+    return {"clip": dp.clip, "noise_multiplier": dp.noise_multiplier, "delta": dp.delta,
+            "epsilon": spent[-1]["epsilon"] if spent else 0.0, "rounds": len(spent)}
 
 
 def _snapshot(svc: AggregatorService, cache: PlanCache) -> dict[str, Any]:
@@ -75,6 +85,7 @@ def _snapshot(svc: AggregatorService, cache: PlanCache) -> dict[str, Any]:
                        "bytes_down": r.bytes_down, "participants": r.participants,
                        "stragglers": r.stragglers, "rejected": dict(r.rejected),
                        "clipped": {d: dict(c) for d, c in r.clipped.items()},
+                       "dp": r.dp,
                        "duration_s": round(r.time_s - prev_t, 3) if r.round else 0.0})
         prev_t = r.time_s
     return {
@@ -85,7 +96,7 @@ def _snapshot(svc: AggregatorService, cache: PlanCache) -> dict[str, Any]:
         "recent_rejections": [{"unix": x.unix, "round": x.round + 1, "device": x.device_id,
                                "reason": x.reason, "detail": x.detail}
                               for x in list(svc.recent_rejections)[::-1]],
-        "rounds": rounds,
+        "rounds": rounds, "privacy": _privacy(svc),
     }
 
 

@@ -48,6 +48,7 @@ from edge_runtime.config import (
     StrategyName,
     TrainConfig,
     WeightCap,
+    check_dp,
     to_jsonable,
 )
 from edge_runtime.errors import ConfigError
@@ -85,7 +86,8 @@ STATE_VERSION = 2
 MAX_EXTENSIONS = 3
 METRICS_SCHEMA = 1
 ROUND_KEYS = ("round", "eval_loss", "eval_accuracy", "bytes_up", "bytes_down", "time_s",
-              "participants", "selected", "stragglers", "rejected", "diagnostics", "clipped")
+              "participants", "selected", "stragglers", "rejected", "diagnostics", "clipped",
+              "dp")
 
 
 def capped_weight(cap: WeightCap, n: int, registered: int | None, recipe: TrainConfig) -> int:
@@ -149,6 +151,8 @@ class RoundRecord:
     # device -> what the aggregator bounded: {"n_samples": [claimed, used]} (weight cap),
     # {"norm": [change norm, bound, t]} (adaptive clipping, `fl.clipping`)
     clipped: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    # client-level DP (`fl.dp`, `fl.privacy`): epsilon so far and this round's; None: off
+    dp: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in ROUND_KEYS}
@@ -179,6 +183,7 @@ class OpenRound:
     deadline_unix: float
     plans: dict[str, dict[str, Any]]  # device -> ClientPlan JSON
     extensions: int = 0
+    pool: int = 0  # eligible devices the selection drew from (DP accounting)
 
 
 @dataclass
@@ -244,6 +249,7 @@ class AggregatorService:
                  state_dir: Path, *, seed: int = 0,
                  evaluator: Callable[[Adapter], EvalResult] | None = None,
                  clock: Callable[[], float] = time.time) -> None:
+        check_dp(strategy, fleet)
         self.cfg = fleet
         self.recipe = recipe
         self.planner = planner
@@ -255,6 +261,7 @@ class AggregatorService:
         self.evaluator = evaluator
         self.clock = clock
         self.online: set[str] = set()
+        self._pool = 0  # eligible devices at the last selection
         self.last_seen: dict[str, float] = {}  # device -> unix time it was last heard from
         self.recent_rejections: deque[Rejection] = deque(maxlen=50)
         self._acc: Accumulator | None = None
@@ -405,8 +412,12 @@ class AggregatorService:
         k = max(1, math.ceil(self.cfg.fraction * len(pool))) if pool else 0
         if self.cfg.max_clients:
             k = min(k, self.cfg.max_clients)
+        self._pool = len(pool)
         if k < len(pool):
-            pool = sorted(random.Random(self.seed * 1000003 + self.round).sample(pool, k))
+            secret = self.cfg.dp.on and self.cfg.dp.seed is None  # DP: an unpredictable draw
+            rng = random.SystemRandom() if secret else random.Random(self.seed * 1000003
+                                                                     + self.round)
+            pool = sorted(rng.sample(pool, k))
         return {d: plans[d] for d in pool}
 
     def plan_round(self) -> RoundOpen:
@@ -417,7 +428,7 @@ class AggregatorService:
             return self.current()
         now = self.clock()
         plans = self._select(set())
-        self.st.open = OpenRound(now, now + self.cfg.round_timeout_s, plans)
+        self.st.open = OpenRound(now, now + self.cfg.round_timeout_s, plans, pool=self._pool)
         self._acc = self._new_accumulator()
         self._accepted = {}
         self._partials = 0
@@ -640,10 +651,42 @@ class AggregatorService:
         """The round's accumulator: the strategy's, or a robust statistic (`fleet.robust`)."""
         from edge_runtime.fl.robust import robust_accumulator
 
+        if self.cfg.dp.on:
+            return self._dp_accumulator()
         robust = robust_accumulator(self.strategy_cfg.name, self.global_adapter,
                                     self.cfg.robust)
         return robust if robust is not None else self.strategy.accumulator(
             self.global_adapter, self.round)
+
+    def _dp_accumulator(self) -> Accumulator:
+        """Client-level DP (`fl.dp`): clipped changes against each device's start, equal
+        weights, the round's selected devices as the denominator, Gaussian noise."""
+        from edge_runtime.config import DP_FACTOR_STRATEGIES
+        from edge_runtime.fl.dp import DPAccumulator, NoiseSource
+
+        dp = self.cfg.dp
+        check = self.strategy.accumulator(self.global_adapter, self.round)  # its own checks
+        seed = None if dp.seed is None else dp.seed * 1000003 + self.round
+        return DPAccumulator(
+            self.global_adapter,
+            "factor" if self.strategy_cfg.name in DP_FACTOR_STRATEGIES else "product",
+            dp.clip, dp.noise_multiplier * dp.clip, NoiseSource(seed), self._start_of,
+            lambda: self.st.open.plans if self.st.open is not None else (), check.add)
+
+    def _dp_record(self, participants: int) -> dict[str, Any] | None:
+        """The round's `dp` metrics entry (`fl.privacy.dp_round_record`); None when off."""
+        from edge_runtime.fl.dp import DPAccumulator
+        from edge_runtime.fl.privacy import RoundSampling, dp_round_record
+
+        dp, op = self.cfg.dp, self.st.open
+        if not dp.on or op is None:
+            return None
+        sampling = RoundSampling(max(op.pool, len(op.plans)), len(op.plans),
+                                 amplified=op.extensions == 0)
+        clipped = self._acc.clipped if isinstance(self._acc, DPAccumulator) else 0
+        return dp_round_record(dp.clip, dp.noise_multiplier, dp.delta,
+                               [m.dp for m in self.st.metrics[1:]], sampling, clipped,
+                               participants)
 
     def _weight_cap(self, dev: str, n: int) -> int:
         """The sample count `dev` may be weighted by (`FleetConfig.weight_cap`)."""
@@ -743,7 +786,8 @@ class AggregatorService:
                           participants=len(self._accepted), selected=selected,
                           stragglers=len(stragglers), rejected=dict(self.st.round_rejected),
                           diagnostics=diag, accepted=sorted(self._accepted),
-                          clipped={d: dict(c) for d, c in sorted(self._clips.items())})
+                          clipped={d: dict(c) for d, c in sorted(self._clips.items())},
+                          dp=self._dp_record(len(self._accepted)))
         atomic_write(self._global_path(self.round + 1), encode_adapter(new_global))
         closed = self.round
         self.st.metrics.append(rec)
