@@ -1,11 +1,13 @@
-"""What secure aggregation costs per round: bytes and server/device time, against the
+"""What secure aggregation and client-level DP cost per round: bytes and time, against the
 plain round (the same updates encoded and folded one by one) in the same run.
 
 Updates are random factors of SmolLM2-135M's shapes (hidden 576, k/v 192; q and v of
 the top `--depth` blocks; ranks drawn from {2, 4, 8} under r_max 8): the protocol's cost
 does not depend on what was trained. For each N it runs the plain fold (encode, decode,
 validate-free accumulate) and SecAgg+ in process with 30% of the devices dropping after
-masking, and checks the decoded sum against the plain aggregate.
+masking, and checks the decoded sum against the plain aggregate. DP (`fl.dp`: each
+update's change clipped against its start, noise on the sum) sends the same bytes as
+the plain round; its column is the aggregator's time for the same updates.
 
     python scripts/bench_secagg.py --devices 10,30,100 --strategy hetlora
 """
@@ -25,6 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edge_runtime.adapter import LoRAWeights  # noqa: E402
 from edge_runtime.config import StrategyConfig, StrategyName, lora_module_name  # noqa: E402
+from edge_runtime.fl.common import truncate_to_plan  # noqa: E402
+from edge_runtime.fl.dp import DPAccumulator, NoiseSource  # noqa: E402
 from edge_runtime.fl.registry import make_strategy  # noqa: E402
 from edge_runtime.fl.types import ClientPlan, ClientUpdate  # noqa: E402
 from edge_runtime.fleet.codec import decode_adapter, encode_adapter  # noqa: E402
@@ -89,6 +93,15 @@ def main() -> None:
         t0 = time.perf_counter()
         total, survivors, wire, _ = run_in_process(params, vecs, drop_after_mask=drop)
         t_secagg = time.perf_counter() - t0
+        starts = {u.device_id: truncate_to_plan(glob, u.plan) for u in ups if u.plan}
+        t0 = time.perf_counter()
+        dp = DPAccumulator(glob, "product" if args.strategy == "flexlora" else "factor",
+                           1.0, 4.0, NoiseSource(None), starts.__getitem__,
+                           lambda s=starts: list(s), lambda u: None)
+        for u in ups:
+            dp.add(u)
+        dp.result()
+        t_dp = time.perf_counter() - t0
         root = strategy.accumulator(glob, 0)
         root.merge(layout.from_vector(total, len(survivors)))
         got = root.result()
@@ -98,19 +111,20 @@ def main() -> None:
                "vector_len": layout.size, "plain_up_mb": plain_up / 1e6,
                "secagg_up_mb": wire["up"] / 1e6, "secagg_down_mb": wire["down"] / 1e6,
                "up_ratio": wire["up"] / plain_up, "plain_s": t_plain,
-               "secagg_s_all_parties": t_secagg, "layout_s": t_layout, "rel_err": err}
+               "secagg_s_all_parties": t_secagg, "layout_s": t_layout, "dp_s": t_dp,
+               "rel_err": err}
         rows.append(row)
         print(json.dumps(row), flush=True)
     print(f"\nstrategy {args.strategy}, depth {args.depth} (q, v), {int(args.drop * 100)}% drop "
           "after masking; SecAgg time is all parties in one process, one after another")
     print("| devices | degree k | t | vector | plain up MB | SecAgg up MB | down MB | up x | "
-          "plain s | SecAgg s | rel err |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "plain s | SecAgg s | DP s | rel err |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['devices']} | {r['degree']} | {r['threshold']} | {r['vector_len']} | "
               f"{r['plain_up_mb']:.1f} | {r['secagg_up_mb']:.1f} | {r['secagg_down_mb']:.1f} | "
               f"{r['up_ratio']:.2f} | {r['plain_s']:.2f} | {r['secagg_s_all_parties']:.2f} | "
-              f"{r['rel_err']:.1e} |")
+              f"{r['dp_s']:.2f} | {r['rel_err']:.1e} |")
     if args.out:
         args.out.write_text(json.dumps(rows, indent=1))
 
