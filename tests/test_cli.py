@@ -149,3 +149,26 @@ def test_models_lists_known_models_and_their_cache_state(tmp_path, monkeypatch, 
     assert main(["models", "--json"]) == 0
     rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)["models"]}
     assert rows["smollm2-135m"]["cached"] is True and rows["smollm2-135m"]["size_mb"] == 0.0
+
+
+def test_generate_auto_backend_picks_the_runtime_the_model_has(tmp_path: Path) -> None:
+    """`edge-rt generate --backend auto` (the default): an export folder runs on its own
+    runtime, a GGUF on llama.cpp when llama-cpp-python is installed, else torch."""
+    import importlib.util
+    import json
+
+    from edge_runtime.cli.generate import pick_backend
+
+    assert pick_backend("tiny")[0] == "torch"
+    for fmt in ("onnx", "executorch"):
+        d = tmp_path / fmt
+        d.mkdir()
+        (d / "export.json").write_text(json.dumps({"version": 1, "format": fmt}))
+        assert pick_backend(str(d))[0] == fmt
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(60))
+    has_llama = importlib.util.find_spec("llama_cpp") is not None
+    backend, why = pick_backend(str(gguf))
+    assert backend == ("llama.cpp" if has_llama else "torch")
+    if not has_llama:
+        assert "--format onnx" in why  # the one command that makes it faster
