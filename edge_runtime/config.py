@@ -549,7 +549,7 @@ class FleetConfig:
             (hierarchical aggregation, docs/SCALING.md).
         secagg: secure aggregation (SecAgg+, `edge_runtime.secagg`): the server sees
             only masked updates and merges their sum; fedavg, hetlora, legend, flexlora
-            and sa-fedlora (docs/PRIVACY.md). In-process simulation only so far.
+            and sa-fedlora, in process and over MQTT (docs/PRIVACY.md).
         chunk_size: bytes per chunk on the wire (<= 64 KiB suits cloud brokers).
         compression: downlink/uplink tensor encoding: fp32 | fp16 | int8.
         wait_for_clients_s: before round 0, wait up to this long for min_clients to register.
@@ -675,7 +675,7 @@ class AgentConfig:
 
 
 __all__ += ["MqttConfig", "FleetConfig", "Compression", "AgentConfig", "DEVICE_ID_RE",
-            "WeightCap", "parse_robust", "check_robust", "ROBUST_FACTOR_STRATEGIES",
+            "WeightCap", "capped_weight", "parse_robust", "check_robust", "ROBUST_FACTOR_STRATEGIES",
             "SECAGG_STRATEGIES", "ROBUST_PRODUCT_STRATEGIES", "DPConfig", "check_dp",
             "DP_FACTOR_STRATEGIES", "DP_PRODUCT_STRATEGIES"]
 
@@ -764,11 +764,23 @@ class StrategyName(str, enum.Enum):
     FLORA = "flora"
 
 
-# Strategies whose aggregate is an average, so a robust statistic can replace it
-# (`fl.robust`): over zero-padded factors, or over dense products.
-# what secure aggregation can sum (edge_runtime.secagg.layout): not FLoRA's stacks
+def capped_weight(cap: WeightCap, n: int, registered: int | None, recipe: TrainConfig) -> int:
+    """The sample count a device claiming `n` may be weighted by (`FleetConfig.weight_cap`):
+    at most what it registered (`registered`; None: unknown, no bound) and, with `plan`,
+    what the round's recipe can consume (steps x batch x grad_accum)."""
+    if cap is WeightCap.NONE:
+        return n
+    limit = n if registered is None else registered
+    if cap is WeightCap.PLAN:
+        limit = min(limit, recipe.steps * recipe.batch_size * recipe.grad_accum)
+    return min(n, max(1, limit))
+
+
+# What secure aggregation can sum (edge_runtime.secagg.layout): not FLoRA's stacks.
 SECAGG_STRATEGIES = (StrategyName.FEDAVG, StrategyName.HETLORA, StrategyName.LEGEND,
                      StrategyName.FLEXLORA, StrategyName.SA_FEDLORA)
+# Strategies whose aggregate is an average, so a robust statistic can replace it
+# (`fl.robust`): over zero-padded factors, or over dense products.
 ROBUST_FACTOR_STRATEGIES = (StrategyName.FEDAVG, StrategyName.HETLORA, StrategyName.LEGEND)
 ROBUST_PRODUCT_STRATEGIES = (StrategyName.FLEXLORA,)
 
@@ -1123,10 +1135,13 @@ class RunConfig:
                 raise ConfigError(f"fleet.secagg cannot sum {self.strategy.name.value}: its "
                                   "aggregate stacks each device's factors, which a masked sum "
                                   "hides")
-            if self.fleet.robust != "none" or self.sim.transport is not Transport.INPROC:
-                raise ConfigError("fleet.secagg runs in the in-process simulation "
-                                  "(sim.transport = inproc) with fleet.robust = 'none': a "
-                                  "robust statistic needs each update, which SecAgg hides")
+            if self.fleet.robust != "none":
+                raise ConfigError("fleet.secagg needs fleet.robust = 'none': a robust "
+                                  "statistic needs each update, which SecAgg hides")
+            if (self.sim.transport is Transport.FLOWER or self.sim.sites
+                    or self.fleet.serve_sites):
+                raise ConfigError("fleet.secagg runs in process and over MQTT, not through "
+                                  "Flower nor with sites")
         if (self.fleet.serve_sites or self.sim.sites) and self.fleet.robust != "none":
             raise ConfigError(f"fleet.robust = {self.fleet.robust} is not a sum over devices, "
                               "so sites cannot pre-aggregate it; hierarchical aggregation "

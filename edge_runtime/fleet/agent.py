@@ -81,7 +81,8 @@ class DeviceAgent:
         self.last_task: RoundTask | None = None
         self.outbox = Outbox(Path(cfg.state_dir) / "outbox")
         self.link = MqttLink(mqtt, f"edge-rt-dev-{dev}",
-                             [self.topics.round(), self.topics.status(), self.topics.ack(dev)],
+                             [self.topics.round(), self.topics.status(), self.topics.ack(dev),
+                              f"{self.topics.base}/agg/sa/{dev}/#", self.topics.sa_unmask()],
                              will=(self.topics.presence(dev), Presence(dev, False).to_bytes(), True))
         self.pending: RoundAnnouncement | None = None  # a round we must train for
         self.download: tuple[str, Reassembler] | None = None
@@ -92,6 +93,11 @@ class DeviceAgent:
         self.rounds_trained = 0
         self._seen_connects = 0
         self._stop = False
+        # secure aggregation (`edge_runtime.secagg`) of the round in `sa_round`
+        self.sa: Any = None  # secagg.protocol.DeviceSession
+        self.sa_round = -1
+        self.sa_inbox: bytes | None = None
+        self.sa_masked = False
 
     # helpers -------------------------------------------------------------------------
     def _register(self) -> None:
@@ -137,6 +143,8 @@ class DeviceAgent:
                 self._on_round(RoundAnnouncement.from_bytes(msg.payload))
             elif pt.kind == "ack":
                 self._on_ack(Ack.from_bytes(msg.payload))
+            elif pt.kind in ("sa_down", "sa_unmask"):
+                self._on_secagg(pt.transfer_id or "unmask", msg.payload)
             elif pt.kind in ("down_manifest", "down_chunk") and self.download is not None:
                 tid, r = self.download
                 if pt.transfer_id != tid:
@@ -163,6 +171,8 @@ class DeviceAgent:
                 self.outbox.remove(tid)
         if dev not in ann.devices:
             return
+        if ann.secagg is not None and not ann.finished and self.sa_round != ann.round:
+            self._start_secagg(ann)
         if ann.finished or ann.round not in self.done_rounds:
             self.pending = ann
             self._want_download(ann.devices[dev].global_transfer_id)
@@ -171,6 +181,69 @@ class DeviceAgent:
                     self._send(m, data)
                     self.pending = None
                     self.done_rounds.add(ann.round)
+
+    # secure aggregation ----------------------------------------------------------------
+    def _start_secagg(self, ann: RoundAnnouncement) -> None:
+        """Join the round's SecAgg: advertise this device's keys (`secagg.protocol`)."""
+        from edge_runtime.secagg.protocol import DeviceSession, SecAggError, SecAggParams
+
+        sa = dict(ann.secagg or {})
+        self.sa_round, self.sa_inbox, self.sa_masked, self.sa = ann.round, None, False, None
+        try:
+            params = SecAggParams(round=int(sa["round"]), devices=tuple(sa["devices"]),
+                                  vector_size=int(sa["vector_size"]), degree=int(sa["degree"]),
+                                  threshold=int(sa["threshold"]),
+                                  frac_bits=int(sa.get("frac_bits", 24)))
+            self.sa = DeviceSession(params, self.cfg.device_id)
+        except (KeyError, TypeError, ValueError, SecAggError) as e:
+            log.error("%s: round %d announces secure aggregation this device cannot join "
+                      "(%s)", self.cfg.device_id, ann.round, e)
+            return
+        self.link.publish(self.topics.sa_up(self.cfg.device_id, "advertise"),
+                          self.sa.advertise(), qos=1)
+
+    def _on_secagg(self, stage: str, payload: bytes) -> None:
+        from edge_runtime.secagg.protocol import SecAggError
+
+        if self.sa is None:
+            return
+        dev = self.cfg.device_id
+        try:
+            if stage == "roster":
+                self.link.publish(self.topics.sa_up(dev, "share"), self.sa.share(payload), qos=1)
+            elif stage == "inbox":
+                self.sa_inbox = payload
+            elif stage == "unmask" and self.sa_masked and not self.sa.answered_unmask:
+                self.link.publish(self.topics.sa_up(dev, "unmask"), self.sa.unmask(payload),
+                                  qos=1)
+        except SecAggError as e:
+            log.warning("%s: secure aggregation %s refused: %s", dev, stage, e)
+
+    def _masked_payload(self, ann: RoundAnnouncement, task: RoundTask, res: LocalResult,
+                        deadline: float) -> bytes | None:
+        """This device's masked vector, once the server routed its neighbours' shares."""
+        from edge_runtime.config import WeightCap, capped_weight
+        from edge_runtime.fl.types import ClientUpdate
+        from edge_runtime.secagg.layout import Layout
+
+        sa = ann.secagg or {}
+        layout = Layout.from_json(sa.get("layout"))
+        n = capped_weight(WeightCap(sa.get("weight_cap", "plan")), res.n_samples,
+                          len(self.examples), task.recipe)
+        x = layout.device_vector(task.strategy, ann.round,
+                                 ClientUpdate(self.cfg.device_id, res.adapter, n, task.plan))
+        while self.sa_inbox is None and time.time() < deadline and not self._stop:
+            msg = self.link.get(0.2)
+            while msg is not None:
+                self._handle(msg)
+                msg = self.link.get(0)
+        if self.sa is None or self.sa_inbox is None:
+            log.warning("%s: round %d: the shares never came; no masked vector",
+                        self.cfg.device_id, ann.round)
+            return None
+        payload: bytes = self.sa.mask(self.sa_inbox, x)
+        self.sa_masked = True
+        return payload
 
     def _on_ack(self, ack: Ack) -> None:
         if ack.transfer_id == "register" and ack.status == "rejected":
@@ -226,14 +299,20 @@ class DeviceAgent:
                 deadline=time.monotonic() + left - margin)
         if self.gate is not None and not self.gate.will_send(dev, ann.round, len(res.payload)):
             return
-        m = make_manifest(res.payload, kind="update", round=ann.round, device_id=dev,
+        payload, kind = res.payload, "update"
+        if ann.secagg is not None:  # the server gets a masked vector, never the update
+            masked = self._masked_payload(ann, task, res, ann.deadline_unix)
+            if masked is None:
+                return
+            payload, kind = masked, "masked"
+        m = make_manifest(payload, kind=kind, round=ann.round, device_id=dev,
                           chunk_size=self.cfg.chunk_size, compression=self.cfg.compression.value,
                           meta={"n_samples": res.n_samples})
-        self.outbox.put(m, res.payload)  # survives a restart from here on
+        self.outbox.put(m, payload)  # survives a restart from here on
         self.rounds_trained += 1
         log.info("%s: round %d trained %d steps in %.1fs (loss %s)", dev, ann.round, res.steps,
                  res.elapsed_s, res.train_loss)
-        self._send(m, res.payload)
+        self._send(m, payload)
 
     def _apply_final(self, adapter: Adapter) -> None:
         with self.train_lock:

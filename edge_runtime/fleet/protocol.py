@@ -58,8 +58,11 @@ PROTOCOL_VERSION = 2  # 2: the announcement carries the strategy's typed config
 DEFAULT_CHUNK_SIZE = 64 * 1024  # cloud brokers cap a message at 128-256 KB
 MAX_JSON_BYTES = 1 << 20
 # update: device -> aggregator; global: aggregator -> devices (and the whole global to
-# site aggregators); partial: a site aggregator's partial sum -> the root
-MANIFEST_KINDS = ("update", "global", "partial")  # a JSON control message larger than this is garbage
+# site aggregators); partial: a site aggregator's partial sum -> the root; masked: a
+# device's masked vector under secure aggregation
+MANIFEST_KINDS = ("update", "global", "partial", "masked")
+# secure aggregation's stage messages (dev/{id}/sa/{stage} up, agg/sa/{id}/{stage} down)
+SA_STAGES = ("advertise", "share", "unmask", "roster", "inbox")  # a JSON control message larger than this is garbage
 
 
 # Every reason an update can be refused with; counters are keyed by these.
@@ -166,6 +169,17 @@ class Topics:
     def down_all(self) -> str:
         return f"{self.base}/agg/down/#"
 
+    # secure aggregation (edge_runtime.secagg): small stage messages; masked vectors go as
+    # uploads with manifest kind "masked"
+    def sa_up(self, dev: str, stage: str) -> str:
+        return f"{self.base}/dev/{dev}/sa/{stage}"
+
+    def sa_down(self, dev: str, stage: str) -> str:
+        return f"{self.base}/agg/sa/{dev}/{stage}"
+
+    def sa_unmask(self) -> str:
+        return f"{self.base}/agg/sa/unmask"
+
     # hierarchical aggregation
     def site_global_manifest(self, tid: str) -> str:
         return f"{self.base}/agg/site/{tid}/m"
@@ -209,10 +223,11 @@ class Topics:
     def aggregator_subscriptions(self) -> list[str]:
         b = self.base
         return [f"{b}/dev/+/register", f"{b}/dev/+/presence", f"{b}/dev/+/up/#",
-                f"{b}/site/+/up/#"]
+                f"{b}/site/+/up/#", f"{b}/dev/+/sa/+"]
 
     def device_subscriptions(self, dev: str) -> list[str]:
-        return [self.round(), self.status(), self.down_all(), self.ack(dev)]
+        return [self.round(), self.status(), self.down_all(), self.ack(dev),
+                f"{self.base}/agg/sa/{dev}/#", self.sa_unmask()]
 
     def parse(self, topic: str) -> ParsedTopic:
         """Classify a topic of this fleet; raises ProtocolError for anything else.
@@ -235,6 +250,11 @@ class Topics:
             if parts[:2] == ["agg", "down"] and len(parts) == 5 and parts[3] == "c":
                 return ParsedTopic("down_chunk", transfer_id=check_id(parts[2], topic),
                                    offset=_parse_offset(parts[4], topic))
+            if parts == ["agg", "sa", "unmask"]:
+                return ParsedTopic("sa_unmask")
+            if parts[:2] == ["agg", "sa"] and len(parts) == 4 and parts[3] in SA_STAGES:
+                return ParsedTopic("sa_down", device_id=check_id(parts[2], topic),
+                                   transfer_id=parts[3])
             if parts[:2] == ["agg", "site"] and len(parts) == 4 and parts[3] == "m":
                 return ParsedTopic("site_global_manifest", transfer_id=check_id(parts[2], topic))
             if parts[:2] == ["agg", "site"] and len(parts) == 5 and parts[3] == "c":
@@ -257,6 +277,8 @@ class Topics:
                 rest = parts[2:]
                 if rest in (["register"], ["presence"], ["ack"]):
                     return ParsedTopic(rest[0], device_id=dev)
+                if rest[0] == "sa" and len(rest) == 2 and rest[1] in SA_STAGES:
+                    return ParsedTopic("sa_up", device_id=dev, transfer_id=rest[1])
                 if rest[0] == "up" and len(rest) == 3 and rest[2] == "m":
                     return ParsedTopic("up_manifest", device_id=dev,
                                        transfer_id=check_id(rest[1], topic))
@@ -402,6 +424,8 @@ class RoundAnnouncement:
     strategy: dict[str, Any]  # StrategyConfig.to_json(): name and every setting
     devices: dict[str, DevicePlan]
     finished: bool = False  # no more rounds; apply the global adapter and stop
+    # secure aggregation this round: SecAggParams JSON plus "layout" (`secagg.layout`)
+    secagg: dict[str, Any] | None = None
     version: int = PROTOCOL_VERSION
 
     def to_bytes(self) -> bytes:
@@ -429,6 +453,7 @@ class RoundAnnouncement:
             strategy=_get(d, "strategy", dict, what),
             devices=devices,
             finished=bool(d.get("finished", False)),
+            secagg=d.get("secagg") if isinstance(d.get("secagg"), dict) else None,
             version=_get(d, "version", int, what),
         )
 

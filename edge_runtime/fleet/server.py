@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -30,6 +31,9 @@ from edge_runtime.fleet.protocol import (
 )
 from edge_runtime.fleet.transfer import TransferError, TransferTable, iter_chunks
 from edge_runtime.rounds.server import AggregatorService, RoundOpen, RoundRecord, Verdict
+
+if TYPE_CHECKING:
+    from edge_runtime.rounds.secure import Outbound
 
 __all__ = ["AggregatorNode", "publish_transfer"]
 
@@ -171,11 +175,22 @@ class AggregatorNode:
             except ProtocolError:
                 pass
             return
-        if pt.kind in ("up_manifest", "up_chunk"):
+        if pt.kind == "sa_up":
+            self._publish_secure(svc.secagg_message(dev, pt.transfer_id or "", msg.payload))
+        elif pt.kind in ("up_manifest", "up_chunk") and svc.secure_active:
+            self._upload(pt, msg, "masked", self.transfers, svc.accept_masked, self.topics.ack)
+        elif pt.kind in ("up_manifest", "up_chunk"):
             self._upload(pt, msg, "update", self.transfers, svc.accept_update, self.topics.ack)
         elif pt.kind in ("partial_manifest", "partial_chunk"):
             self._upload(pt, msg, "partial", self.site_transfers, svc.accept_partial,
                          self.topics.site_ack)
+
+    def _publish_secure(self, out: list[Outbound]) -> None:
+        """SecAgg stage messages: a device's roster or inbox, or the unmask request."""
+        for o in out:
+            topic = (self.topics.sa_unmask() if o.device is None
+                     else self.topics.sa_down(o.device, o.stage))
+            self.link.publish(topic, o.payload, qos=1)
 
     def _upload(self, pt: ParsedTopic, msg: InboundMessage, kind: str, table: TransferTable,
                 accept: Callable[[str, Manifest, bytes], Verdict],
@@ -257,6 +272,8 @@ class AggregatorNode:
                 self._remember_offsets(opened)
                 self._publish_round(opened)
             self._drain(0.2)
+            if svc.secure_active:
+                self._publish_secure(svc.secagg_tick())
             if (self.ready is not None and self.ready(svc)) or svc.ready_to_close():
                 rec = svc.close_round(self.duration() if self.duration is not None else None)
                 if rec is None:  # extended below quorum: re-announce with the new deadline

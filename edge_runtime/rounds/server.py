@@ -36,7 +36,7 @@ from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -47,7 +47,7 @@ from edge_runtime.config import (
     StrategyConfig,
     StrategyName,
     TrainConfig,
-    WeightCap,
+    capped_weight,
     check_dp,
     to_jsonable,
 )
@@ -78,7 +78,10 @@ from edge_runtime.lora import seeded_lora_a
 from edge_runtime.planning import GlobalShape, Planner
 from edge_runtime.rounds.seeding import device_seed
 
-__all__ = ["AggregatorService", "Verdict", "capped_weight", "RoundOpen", "RoundRecord", "initial_global",
+if TYPE_CHECKING:  # secure aggregation needs the `secagg` extra; imported where used
+    from edge_runtime.rounds.secure import Outbound, SecureRound
+
+__all__ = ["AggregatorService", "Verdict", "RoundOpen", "RoundRecord", "initial_global",
            "METRICS_SCHEMA", "ROUND_KEYS", "metrics_document"]
 
 log = logging.getLogger(__name__)
@@ -88,18 +91,6 @@ METRICS_SCHEMA = 1
 ROUND_KEYS = ("round", "eval_loss", "eval_accuracy", "bytes_up", "bytes_down", "time_s",
               "participants", "selected", "stragglers", "rejected", "diagnostics", "clipped",
               "dp")
-
-
-def capped_weight(cap: WeightCap, n: int, registered: int | None, recipe: TrainConfig) -> int:
-    """The sample count a device claiming `n` may be weighted by (`FleetConfig.weight_cap`):
-    at most what it registered (`registered`; None: unknown, no bound) and, with `plan`,
-    what the round's recipe can consume (steps x batch x grad_accum)."""
-    if cap is WeightCap.NONE:
-        return n
-    limit = n if registered is None else registered
-    if cap is WeightCap.PLAN:
-        limit = min(limit, recipe.steps * recipe.batch_size * recipe.grad_accum)
-    return min(n, max(1, limit))
 
 
 def initial_global(shape: GlobalShape, shapes: dict[str, tuple[int, int]], seed: int) -> Adapter:
@@ -183,6 +174,7 @@ class OpenRound:
     deadline_unix: float
     plans: dict[str, dict[str, Any]]  # device -> ClientPlan JSON
     extensions: int = 0
+    secagg: dict[str, Any] | None = None  # the round's SecAgg params and layout
     pool: int = 0  # eligible devices the selection drew from (DP accounting)
 
 
@@ -268,6 +260,8 @@ class AggregatorService:
         self._accepted: dict[str, int] = {}
         self._clips: dict[str, dict[str, list[float]]] = {}  # the open round's
         self._partials = 0  # site partial sums merged into the open round
+        self._secure: SecureRound | None = None  # the open round's SecAgg (fleet.secagg)
+        self._pending_out: list[Outbound] = []
         self.state_dir.mkdir(parents=True, exist_ok=True)
         if (self.state_dir / "state.json").exists():
             self.st = self._load_state(strategy)
@@ -429,6 +423,18 @@ class AggregatorService:
         now = self.clock()
         plans = self._select(set())
         self.st.open = OpenRound(now, now + self.cfg.round_timeout_s, plans, pool=self._pool)
+        self._secure = None
+        if self.cfg.secagg and len(plans) >= 2:
+            from edge_runtime.rounds.secure import SecureRound
+            from edge_runtime.secagg.layout import layout_for
+            from edge_runtime.secagg.protocol import SecAggParams
+
+            layout = layout_for(self.strategy_cfg.name, self.global_adapter)
+            params = SecAggParams.choose(self.round, list(plans), layout.size)
+            self.st.open.secagg = {**params.to_json(), "layout": layout.to_json(),
+                                   "weight_cap": self.cfg.weight_cap.value}
+            self._secure = SecureRound(params, layout, now, self.st.open.deadline_unix,
+                                       0.25 * self.cfg.round_timeout_s)
         self._acc = self._new_accumulator()
         self._accepted = {}
         self._partials = 0
@@ -472,9 +478,10 @@ class AggregatorService:
                                                 transfer_id=tid), data)
                 by_key[key] = tid
             devices[dev] = DevicePlan(plan=pj, global_transfer_id=tid, train=recipe)
+        sa = self.st.open.secagg if self.st.open is not None and not finished else None
         ann = RoundAnnouncement(round=self.round, deadline_unix=deadline,
                                 fingerprint=self.fingerprint, strategy=self.strategy_cfg.to_json(),
-                                devices=devices, finished=finished)
+                                devices=devices, finished=finished, secagg=sa)
         return RoundOpen(ann, downloads)
 
     def _count(self, reason: str, this_round: bool = False) -> None:
@@ -609,6 +616,65 @@ class AggregatorService:
         return self._take_partial("secure sum", "secagg", f"r{self.round}", partial, meta, data,
                                   bytes_up)
 
+    # secure aggregation over a transport ---------------------------------------------
+    @property
+    def secure_active(self) -> bool:
+        """The open round runs SecAgg: devices send masked vectors, not updates."""
+        return self.st.open is not None and self.st.open.secagg is not None
+
+    def secagg_message(self, dev: str, stage: str, payload: bytes) -> list[Outbound]:
+        """A device's SecAgg stage message (`rounds.secure`); returns what to send."""
+        from edge_runtime.secagg.protocol import SecAggError
+
+        sec = self._secure
+        if sec is None or self.st.open is None or dev not in self.st.open.plans:
+            self.count_rejection(dev, "stale_round", f"no secure aggregation open for {dev}")
+            return []
+        self.st.round_bytes[0] += len(payload)
+        try:
+            out = sec.on_message(dev, stage, payload, self.clock())
+        except SecAggError as e:
+            self.count_rejection(dev, "bad_manifest", f"secagg {stage}: {e}")
+            return []
+        self.seen(dev)
+        return self._secure_out(out)
+
+    def accept_masked(self, dev: str, manifest: Manifest, payload: bytes) -> Verdict:
+        """A device's masked vector (an upload of manifest kind "masked")."""
+        from edge_runtime.secagg.protocol import SecAggError
+
+        sec = self._secure
+        if sec is None or manifest.round != self.round:
+            return self.count_rejection(dev, "stale_round", f"masked vector for round "
+                                        f"{manifest.round}; no secure aggregation open")
+        self.st.round_bytes[0] += len(payload)
+        try:
+            self._pending_out = self._secure_out(sec.on_message(dev, "masked", payload,
+                                                                self.clock()))
+        except SecAggError as e:
+            return self.count_rejection(dev, "bad_manifest", f"secagg masked: {e}")
+        self.seen(dev)
+        return Verdict(True)
+
+    def secagg_tick(self) -> list[Outbound]:
+        """Stage deadlines; also hands out what `accept_masked` produced."""
+        out, self._pending_out = self._pending_out, []
+        if self._secure is not None:
+            out += self._secure_out(self._secure.tick(self.clock()))
+        return out
+
+    def _secure_out(self, out: list[Outbound]) -> list[Outbound]:
+        sec = self._secure
+        n = len(sec.server.masked) if sec is not None else 0
+        self.st.round_bytes[1] += sum(len(o.payload) * (n if o.device is None else 1)
+                                      for o in out)
+        if sec is not None and sec.result is not None and not self._accepted:
+            partial, survivors = sec.result
+            meta = {"round": self.round, "site": "secagg", "devices": {d: 1 for d in survivors}}
+            self._take_partial("secure sum", "secagg", f"r{self.round}", partial, meta,
+                               encode_partial(partial, meta), 0)
+        return out
+
     def _take_partial(self, who: str, site_id: str, tid: str, partial: PartialSum,
                       meta: dict[str, Any], data: bytes, nbytes: int) -> Verdict:
         """Check a decoded partial's devices against the open round, journal, merge."""
@@ -740,10 +806,13 @@ class AggregatorService:
         self._accepted[dev] = n
 
     def ready_to_close(self) -> bool:
-        """All selected devices answered, or the deadline passed."""
+        """All selected devices answered, or the deadline passed (with SecAgg: its last
+        stage ended, `rounds.secure`)."""
         op = self.st.open
         if op is None:
             return False
+        if self._secure is not None:
+            return self._secure.done or self.clock() >= op.deadline_unix + 2 * self._secure.grace
         if op.plans and set(self._accepted) >= set(op.plans):
             return True
         return self.clock() >= op.deadline_unix
@@ -756,7 +825,8 @@ class AggregatorService:
         """
         op = self.st.open
         assert op is not None and self._acc is not None
-        if len(self._accepted) < self.cfg.min_clients and op.extensions < MAX_EXTENSIONS:
+        if (len(self._accepted) < self.cfg.min_clients and op.extensions < MAX_EXTENSIONS
+                and op.secagg is None):  # a SecAgg roster is fixed when the round opens
             op.extensions += 1
             op.deadline_unix = self.clock() + self.cfg.round_timeout_s
             op.plans.update(self._select(set(op.plans)))  # late joiners get a plan
@@ -796,6 +866,7 @@ class AggregatorService:
         self._accepted = {}
         self._clips = {}
         self._partials = 0
+        self._secure = None
         self._acc = None
         self.global_adapter = new_global
         self.st.round_bytes = [0, 0]

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_runtime.adapter import Adapter
-from edge_runtime.config import FleetConfig, StrategyConfig, TrainConfig, from_dict
+from edge_runtime.config import FleetConfig, StrategyConfig, TrainConfig, capped_weight, from_dict
 from edge_runtime.files import atomic_write
 from edge_runtime.fl.registry import make_strategy
 from edge_runtime.fl.types import Accumulator, ClientPlan, ClientUpdate
@@ -38,7 +38,7 @@ from edge_runtime.fleet.codec import decode_adapter, encode_adapter, encode_part
 from edge_runtime.fleet.protocol import Manifest, ProtocolError, RoundAnnouncement, check_id
 from edge_runtime.fleet.transfer import TransferError
 from edge_runtime.fleet.validation import decode_checked
-from edge_runtime.rounds.server import Verdict, capped_weight
+from edge_runtime.rounds.server import Verdict
 
 __all__ = ["SiteService"]
 

@@ -17,10 +17,10 @@ import time
 import numpy as np
 
 from edge_runtime.adapter import Adapter
-from edge_runtime.fl.registry import make_strategy
+from edge_runtime.config import capped_weight
 from edge_runtime.fl.types import ClientPlan, ClientUpdate
 from edge_runtime.fleet.codec import decode_adapter
-from edge_runtime.rounds.server import AggregatorService, Verdict, capped_weight
+from edge_runtime.rounds.server import AggregatorService, Verdict
 from edge_runtime.secagg.layout import Layout, layout_for
 from edge_runtime.secagg.protocol import SecAggError, SecAggParams, run_in_process
 
@@ -34,10 +34,8 @@ def device_vector(service: AggregatorService, layout: Layout, dev: str, adapter:
     """Device side: its update's one-device partial sum in the round's layout."""
     assert service.open is not None
     plan = ClientPlan.from_json(service.open.plans[dev])
-    acc = make_strategy(service.strategy_cfg).accumulator(service.global_adapter,
-                                                          service.round)
-    acc.add(ClientUpdate(dev, adapter, n, plan=plan))
-    return layout.to_vector(acc.partial())
+    return layout.device_vector(service.strategy_cfg, service.round,
+                                ClientUpdate(dev, adapter, n, plan=plan))
 
 
 def secure_round(service: AggregatorService, trained: list[str],

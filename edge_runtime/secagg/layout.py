@@ -23,20 +23,62 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from edge_runtime.adapter import Adapter
-from edge_runtime.config import SECAGG_STRATEGIES, StrategyName
+from edge_runtime.adapter import Adapter, LoRAWeights
+from edge_runtime.config import SECAGG_STRATEGIES, StrategyConfig, StrategyName
 from edge_runtime.errors import ConfigError
-from edge_runtime.fl.types import PartialSum
+from edge_runtime.fl.registry import make_strategy
+from edge_runtime.fl.types import ClientUpdate, PartialSum
 
 __all__ = ["Layout", "layout_for", "SECAGG_STRATEGIES"]
 
 
 @dataclass(frozen=True)
 class Layout:
-    """The vector's parts in order: (tensor name, shape)."""
+    """The vector's parts in order, from the kind and the modules (name, d_out, d_in, r_g)."""
 
     kind: str
-    parts: tuple[tuple[str, tuple[int, ...]], ...]
+    modules: tuple[tuple[str, int, int, int], ...]
+
+    @property
+    def parts(self) -> tuple[tuple[str, tuple[int, ...]], ...]:
+        out: list[tuple[str, tuple[int, ...]]] = []
+        for name, d_out, d_in, r in self.modules:
+            if self.kind == "flexlora":
+                out += [(f"{name}/n", (3,)), (f"{name}/dense", (d_out, d_in))]
+            else:
+                out += [(f"{name}/sb", (d_out, r)), (f"{name}/a", (r, d_in)),
+                        (f"{name}/w", (1,)), (f"{name}/cw", (r,))]
+        return tuple(out)
+
+    def to_json(self) -> dict[str, object]:
+        return {"kind": self.kind, "modules": [list(m) for m in self.modules]}
+
+    @classmethod
+    def from_json(cls, d: object) -> Layout:
+        """A layout from the round announcement; raises ValueError when malformed."""
+        if not isinstance(d, dict) or d.get("kind") not in ("padded", "flexlora"):
+            raise ValueError("a SecAgg layout needs kind padded|flexlora")
+        mods = d.get("modules")
+        if not isinstance(mods, list) or not all(
+                isinstance(m, list) and len(m) == 4 and isinstance(m[0], str)
+                and all(isinstance(x, int) and 0 < x < (1 << 20) for x in m[1:]) for m in mods):
+            raise ValueError("a SecAgg layout's modules are [name, d_out, d_in, rank] lists")
+        return cls(str(d["kind"]), tuple((str(m[0]), m[1], m[2], m[3]) for m in mods))
+
+    def shapes(self, alpha: float) -> Adapter:
+        """A zero adapter of the global's shapes and ranks at `alpha` (what a device folds
+        its own update against)."""
+        return {name: LoRAWeights(torch.zeros(r, d_in), torch.zeros(d_out, r), alpha)
+                for name, d_out, d_in, r in self.modules}
+
+    def device_vector(self, strategy: StrategyConfig, round_index: int, update: ClientUpdate
+                      ) -> np.ndarray:
+        """Device side: its own update as its strategy's one-device partial sum in this
+        layout (its weight `update.num_samples` applied here)."""
+        alpha = update.plan.alpha if update.plan is not None else 16.0
+        acc = make_strategy(strategy).accumulator(self.shapes(alpha), round_index)
+        acc.add(update)
+        return self.to_vector(acc.partial())
 
     @property
     def size(self) -> int:
@@ -86,13 +128,6 @@ def layout_for(strategy: StrategyName, global_adapter: Adapter) -> Layout:
         raise ConfigError(f"secure aggregation cannot sum {strategy.value}: its aggregate "
                           "stacks each device's factors, which a masked sum hides; use "
                           f"one of {', '.join(s.value for s in SECAGG_STRATEGIES)}")
-    parts: list[tuple[str, tuple[int, ...]]] = []
     dense = strategy in (StrategyName.FLEXLORA, StrategyName.SA_FEDLORA)
-    for name in sorted(global_adapter):
-        g = global_adapter[name]
-        if dense:
-            parts += [(f"{name}/n", (3,)), (f"{name}/dense", (g.d_out, g.d_in))]
-        else:
-            parts += [(f"{name}/sb", (g.d_out, g.rank)), (f"{name}/a", (g.rank, g.d_in)),
-                      (f"{name}/w", (1,)), (f"{name}/cw", (g.rank,))]
-    return Layout("flexlora" if dense else "padded", tuple(parts))
+    mods = tuple((name, g.d_out, g.d_in, g.rank) for name, g in sorted(global_adapter.items()))
+    return Layout("flexlora" if dense else "padded", mods)
