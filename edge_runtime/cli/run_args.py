@@ -20,9 +20,9 @@ PLAN_FLAGS = {"r_max": "adapter.r_max", "r_min": "adapter.r_min", "depth": "adap
               "targets": "adapter.targets", "alpha": "adapter.alpha",
               "local_steps": "train.steps", "lr": "train.lr", "batch_size": "train.batch_size",
               "seq_len": "train.seq_len"}
-# flag dest -> run config key, for the flags of `add_dp_args`
+# flag dest -> run config key, for the flags of `add_dp_args` (privacy: DP and SecAgg)
 DP_FLAGS = {"dp_clip": "fleet.dp.clip", "dp_noise_multiplier": "fleet.dp.noise_multiplier",
-            "dp_delta": "fleet.dp.delta"}
+            "dp_delta": "fleet.dp.delta", "secagg": "fleet.secagg"}
 
 
 def add_run_file_args(p: argparse.ArgumentParser) -> None:
@@ -52,13 +52,17 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_dp_args(p: argparse.ArgumentParser) -> None:
-    """Client-level differential privacy (`fleet.dp`; docs/PRIVACY.md)."""
+    """Client-level differential privacy (`fleet.dp`) and secure aggregation
+    (`fleet.secagg`); docs/PRIVACY.md."""
     p.add_argument("--dp-clip", type=float, metavar="C",
                    help="DP: bound on the L2 norm of each device's change per round (0: off)")
     p.add_argument("--dp-noise-multiplier", type=float, metavar="Z",
                    help="DP: Gaussian noise std on the round's sum is Z x C")
     p.add_argument("--dp-delta", type=float, metavar="DELTA",
                    help="DP: the delta epsilon is reported at (default 1e-5)")
+    p.add_argument("--secagg", action="store_const", const=True,
+                   help="secure aggregation (SecAgg+): the aggregator sees masked updates "
+                   "and merges their sum (extra `secagg`; docs/PRIVACY.md)")
 
 
 def resolve_run(args: argparse.Namespace, flags: dict[str, str],
