@@ -154,7 +154,7 @@ def aggregator_main(args: argparse.Namespace) -> int:
     t_start = time.monotonic()
     rounds: list[dict[str, Any]] = []
     cur: dict[str, Any] = {}
-    plan_round, accept_update = svc.plan_round, svc.accept_update
+    plan_round, accept_update, close_round = svc.plan_round, svc.accept_update, svc.close_round
 
     def timed_plan():  # type: ignore[no-untyped-def]
         opened = plan_round()
@@ -174,12 +174,19 @@ def aggregator_main(args: argparse.Namespace) -> int:
             cur["last"] = now
         return verdict
 
+    def timed_close(duration_s=None):  # type: ignore[no-untyped-def]
+        t0 = time.monotonic()
+        rec = close_round(duration_s)
+        cur["close_s"] = time.monotonic() - t0
+        return rec
+
     def on_round(rec: RoundRecord) -> None:
         now = time.monotonic()
         span = (cur["last"] - cur["first"]) if cur["first"] else 0.0
         rounds.append({
             "round": rec.round - 1, "join_s": cur.get("join_s"),
             "time_to_close_s": now - cur["t_open"], "ingest_span_s": span,
+            "merge_s": cur["close_s"],
             "selected": cur["selected"], "participants": rec.participants,
             "accepted": rec.accepted, "stragglers": rec.stragglers, "rejected": rec.rejected,
             "bytes_up": rec.bytes_up, "download_bytes": cur["download_bytes"],
@@ -191,6 +198,7 @@ def aggregator_main(args: argparse.Namespace) -> int:
 
     svc.plan_round = timed_plan  # type: ignore[method-assign]
     svc.accept_update = timed_accept  # type: ignore[method-assign]
+    svc.close_round = timed_close  # type: ignore[method-assign]
     node = AggregatorNode(svc, mq, on_round=on_round, wait_for_clients_s=args.join_timeout_s,
                           start_clients=args.n, linger_s=1.0)
     node.run()
@@ -378,9 +386,9 @@ def devices_main(args: argparse.Namespace) -> int:
         for key, mask in sel.select(timeout=0.05):
             d = key.data
             rc = d.client.loop_read(16) if mask & selectors.EVENT_READ else 0
-            if rc == 0 and mask & selectors.EVENT_WRITE:
+            if rc in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_AGAIN) and mask & selectors.EVENT_WRITE:
                 rc = d.client.loop_write()
-            if rc != 0:
+            if rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_AGAIN):  # AGAIN: partial read
                 detach(d, rc)
         now = time.monotonic()
         for d in devs:
@@ -399,7 +407,8 @@ def devices_main(args: argparse.Namespace) -> int:
         if now > next_misc:
             next_misc = now + 1.0
             for d in devs:
-                if d.dev in socks and d.client.loop_misc() != 0:
+                if d.dev in socks and d.client.loop_misc() not in (mqtt.MQTT_ERR_SUCCESS,
+                                                                   mqtt.MQTT_ERR_AGAIN):
                     detach(d, mqtt.MQTT_ERR_CONN_LOST)
     report = {d.dev: d.report() for d in devs}
     report["_cpu_s"] = process_cpu(psutil.Process())  # type: ignore[assignment]
@@ -522,7 +531,7 @@ def summarize(n: int, args: argparse.Namespace, agg_res: dict[str, Any],
         }
         if rec is not None:
             row.update({k: rec[k] for k in (
-                "time_to_close_s", "ingest_span_s", "selected", "stragglers", "rejected",
+                "time_to_close_s", "ingest_span_s", "merge_s", "selected", "stragglers", "rejected",
                 "agg_cpu_s", "agg_peak_rss_mb", "broker_cpu_s", "inbox_dropped", "bytes_up",
                 "download_bytes", "join_s")})
             row["updates_per_s"] = len(accepted) / rec["time_to_close_s"]
