@@ -350,6 +350,7 @@ def devices_main(args: argparse.Namespace) -> int:
     """Drive this worker's devices on one selector loop until all saw `finished`, the
     time limit, or SIGTERM; write each device's report to `args.out`."""
     torch.set_num_threads(1)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     creds = json.loads(Path(args.creds).read_text())
     topics = Topics("edge-rt", FLEET)
     devs = [EmulatedDevice(int(i), d, pw, topics, args.compression) for i, d, pw in creds]
@@ -382,6 +383,7 @@ def devices_main(args: argparse.Namespace) -> int:
         attach(d, first=True)
     end = time.monotonic() + args.time_limit_s
     next_misc = 0.0
+    last_progress: tuple[int, ...] = ()
     while not stop[0] and time.monotonic() < end and not all(d.finished for d in devs):
         for key, mask in sel.select(timeout=0.05):
             d = key.data
@@ -406,6 +408,13 @@ def devices_main(args: argparse.Namespace) -> int:
                 sel.modify(sock, want, d)
         if now > next_misc:
             next_misc = now + 1.0
+            progress = (sum(d.connected for d in devs), sum(d.pending is not None for d in devs),
+                        sum(len(d.sent) for d in devs), sum(len(d.acks) for d in devs),
+                        sum(len(d.errors) for d in devs))
+            if progress != last_progress:
+                last_progress = progress
+                log.info("connected %d, waiting for a download %d, sent %d, acks %d, "
+                         "errors %d", *progress)
             for d in devs:
                 if d.dev in socks and d.client.loop_misc() not in (mqtt.MQTT_ERR_SUCCESS,
                                                                    mqtt.MQTT_ERR_AGAIN):
