@@ -231,7 +231,7 @@ class EmulatedDevice:
         self.finished = False
         # what the count check needs: round -> transfer id sent, sends, acks
         self.sent: dict[int, str] = {}
-        self.sends = 0
+        self.sends: dict[int, int] = {}  # round -> times its update was sent
         self.acks: list[tuple[int, str, str, str]] = []  # (round, tid, status, reason)
         self.errors: list[str] = []
 
@@ -339,7 +339,7 @@ class EmulatedDevice:
         for off, chunk in iter_chunks(data, m.chunk_size):
             c.publish(self.topics.up_chunk(dev, m.transfer_id, off), chunk, qos=1)
         self.inflight[m.transfer_id] = (m, data, now)
-        self.sends += 1
+        self.sends[m.round] = self.sends.get(m.round, 0) + 1
 
     def report(self) -> dict[str, Any]:
         return {"sent": self.sent, "sends": self.sends, "acks": self.acks,
@@ -536,7 +536,7 @@ def summarize(n: int, args: argparse.Namespace, agg_res: dict[str, Any],
         row: dict[str, Any] = {
             "devices": n, "round": r, "sent": len(sent), "merged": len(set(accepted)),
             "acked": len(acked), "lost": len(sent - set(accepted)), "double": double,
-            "resends": sum(max(0, v["sends"] - len(v["sent"])) for v in devices.values()),
+            "resends": sum(max(0, v["sends"].get(str(r), 0) - 1) for v in devices.values()),
         }
         if rec is not None:
             row.update({k: rec[k] for k in (
