@@ -70,6 +70,7 @@ from edge_runtime.config import (  # noqa: E402
 )
 from edge_runtime.config import lora_module_name as module_name  # noqa: E402
 from edge_runtime.fl.types import ClientPlan  # noqa: E402
+from edge_runtime.fleet.agent import resend_after  # noqa: E402
 from edge_runtime.fleet.codec import decode_adapter, encode_adapter  # noqa: E402
 from edge_runtime.fleet.mosquitto import AGGREGATOR_USER, LocalMosquitto  # noqa: E402
 from edge_runtime.fleet.protocol import (  # noqa: E402
@@ -330,7 +331,7 @@ class EmulatedDevice:
             self.sent[ann.round] = m.transfer_id
             self._send(m, data, now)
         for m, data, sent in list(self.inflight.values()):
-            if now - sent > AGENT.ack_timeout_s:
+            if now - sent > resend_after(AGENT.ack_timeout_s, self.sends.get(m.round, 1)):
                 self._send(m, data, now)
 
     def _send(self, m: Manifest, data: bytes, now: float) -> None:
