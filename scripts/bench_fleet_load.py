@@ -96,6 +96,7 @@ from edge_runtime.rounds.server import AggregatorService, RoundRecord  # noqa: E
 N_LAYERS, DIM, KV_DIM = 30, 576, 192  # SmolLM2-135M
 FP = hashlib.sha256(b"bench-fleet-load base model").hexdigest()
 FLEET = "load"
+BUILDS_PER_PASS = 4  # updates a device worker builds between two polls of its sockets
 MAX_SAMPLES = 8  # devices hold 1..8 samples: distinct aggregation weights
 AGENT = AgentConfig(device_id="x", data=Path("x.jsonl"))  # the agent's defaults
 
@@ -308,10 +309,12 @@ class EmulatedDevice:
         self.download = (tid, Reassembler(max_bytes=1 << 30))
         self.client.subscribe(f"{self.topics.base}/agg/down/{tid}/#", qos=1)
 
-    def step(self, now: float) -> None:
-        """Build and send the update once the download is complete; re-send unacked ones."""
+    def step(self, now: float, may_build: bool) -> bool:
+        """Build and send the update once the download is complete (if `may_build`); re-send
+        unacked ones. Returns whether it built one."""
         ann, dl = self.pending, self.download
-        if ann is not None and dl is not None and dl[1].complete:
+        built = False
+        if may_build and ann is not None and dl is not None and dl[1].complete:
             self.pending = None
             try:
                 glob, meta = decode_adapter(dl[1].result())
@@ -320,7 +323,7 @@ class EmulatedDevice:
             except TransferError as e:
                 self.errors.append(f"download failed: {e}")
                 self.download = None
-                return
+                return False
             self.done_rounds.add(ann.round)
             plan = ClientPlan.from_json(ann.devices[self.dev].plan)
             shapes = {n: (w.lora_b.shape[0], w.lora_a.shape[1]) for n, w in glob.items()}
@@ -330,9 +333,11 @@ class EmulatedDevice:
                               meta={"n_samples": n_samples(self.index)})
             self.sent[ann.round] = m.transfer_id
             self._send(m, data, now)
+            built = True
         for m, data, sent in list(self.inflight.values()):
             if now - sent > resend_after(AGENT.ack_timeout_s, self.sends.get(m.round, 1)):
                 self._send(m, data, now)
+        return built
 
     def _send(self, m: Manifest, data: bytes, now: float) -> None:
         c, dev = self.client, self.dev
@@ -378,7 +383,10 @@ def devices_main(args: argparse.Namespace) -> int:
         d.connected = False
         sock = socks.pop(d.dev, None)
         if sock is not None:
-            sel.unregister(sock)
+            try:
+                sel.unregister(sock)
+            except (KeyError, ValueError, OSError):  # paho closed it already
+                pass
 
     for d in devs:
         attach(d, first=True)
@@ -394,15 +402,19 @@ def devices_main(args: argparse.Namespace) -> int:
             if rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_AGAIN):  # AGAIN: partial read
                 detach(d, rc)
         now = time.monotonic()
+        builds = 0  # a few updates per pass, so that the sockets (keep-alive) are served
         for d in devs:
             while d.inbox:
                 d.handle(d.inbox.popleft())
             if d.dev not in socks:
                 attach(d, first=False)
                 continue
-            d.step(now)
+            builds += d.step(now, may_build=builds < BUILDS_PER_PASS)
             sock = socks.get(d.dev)
             if sock is None:
+                continue
+            if d.client.socket() is not sock:  # paho dropped the connection (keep-alive)
+                detach(d, mqtt.MQTT_ERR_CONN_LOST)
                 continue
             want = selectors.EVENT_READ | (selectors.EVENT_WRITE if d.client.want_write() else 0)
             if sel.get_key(sock).events != want:
