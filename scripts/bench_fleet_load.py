@@ -195,7 +195,7 @@ def aggregator_main(args: argparse.Namespace) -> int:
             "agg_cpu_s": process_cpu(me) - cur["cpu"],
             "agg_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "broker_cpu_s": process_cpu(broker) - cur["broker_cpu"],
-            "inbox_dropped": node.link.dropped})
+            "inbox_dropped": node.link.dropped, "uploads_evicted": node.transfers.evicted})
         Path(args.out).write_text(json.dumps({"rounds": rounds}, indent=1))
 
     svc.plan_round = timed_plan  # type: ignore[method-assign]
@@ -554,7 +554,7 @@ def summarize(n: int, args: argparse.Namespace, agg_res: dict[str, Any],
         if rec is not None:
             row.update({k: rec[k] for k in (
                 "time_to_close_s", "ingest_span_s", "merge_s", "selected", "stragglers", "rejected",
-                "agg_cpu_s", "agg_peak_rss_mb", "broker_cpu_s", "inbox_dropped", "bytes_up",
+                "agg_cpu_s", "agg_peak_rss_mb", "broker_cpu_s", "inbox_dropped", "uploads_evicted", "bytes_up",
                 "download_bytes", "join_s")})
             row["updates_per_s"] = len(accepted) / rec["time_to_close_s"]
             row["mb_per_update"] = rec["bytes_up"] / max(1, len(accepted)) / 1e6
