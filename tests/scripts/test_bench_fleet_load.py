@@ -33,7 +33,8 @@ def test_count_check_finds_lost_and_double_updates(tmp_path: Path) -> None:
     rec = {"round": 0, "accepted": ["d00000", "d00000", "d00002", "d00003", "d00009"],
            "time_to_close_s": 1.0, "ingest_span_s": 1.0, "merge_s": 0.1, "selected": 4,
            "stragglers": 0, "rejected": {}, "agg_cpu_s": 1.0, "agg_peak_rss_mb": 1.0,
-           "broker_cpu_s": 0.1, "inbox_dropped": 0, "bytes_up": 1, "download_bytes": 1,
+           "broker_cpu_s": 0.1, "inbox_dropped": 0, "uploads_evicted": 0, "bytes_up": 1,
+           "download_bytes": 1,
            "join_s": 0.1}
     res = bench.summarize(4, args, {"rounds": [rec]}, devices, tmp_path, 0.0, 0.0)
     row = res["rounds"][0]
