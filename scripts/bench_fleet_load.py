@@ -47,6 +47,7 @@ import sys
 import tempfile
 import time
 from collections import deque
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -300,7 +301,9 @@ class EmulatedDevice:
             return
         if self.dev not in ann.devices or ann.round in self.done_rounds:
             return
-        self.pending = ann
+        # only its own plan is kept: N devices in one process holding N plans each is
+        # quadratic memory here (a real device holds one announcement)
+        self.pending = ann = replace(ann, devices={self.dev: ann.devices[self.dev]})
         tid = ann.devices[self.dev].global_transfer_id
         if self.download is not None and self.download[0] == tid:
             return
