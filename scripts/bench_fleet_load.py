@@ -41,6 +41,7 @@ import logging
 import os
 import resource
 import selectors
+import shutil
 import signal
 import subprocess
 import sys
@@ -597,7 +598,7 @@ def driver_main(args: argparse.Namespace) -> int:
     sizes = [int(s) for s in args.devices.split(",")]
     results: list[dict[str, Any]] = []
     work = Path(tempfile.mkdtemp(prefix="bench-fleet-load-"))
-    log.info("work folder %s (logs of each process)", work)
+    log.info("work folder %s (each process's log; removed at the end unless --keep-work)", work)
     upd = encode_update(0, 0, ClientPlan("x", {m: args.rank for m in module_shapes(args.depth)},
                                          16.0), module_shapes(args.depth), args.compression)
     log.info("update size %.0f kB (rank %d on q,v of %d blocks, %s)", len(upd) / 1e3,
@@ -621,6 +622,10 @@ def driver_main(args: argparse.Namespace) -> int:
             Path(args.json).write_text(json.dumps({**header, "results": results}, indent=1))
         if not ok and args.stop_on_failure:
             break
+    if args.keep_work:
+        log.info("logs and state kept in %s", work)
+    else:
+        shutil.rmtree(work, ignore_errors=True)
     print(table(results))
     for res in results:
         print(f"N={res['devices']}: broker setup {res['broker_setup_s']:.1f} s, device "
@@ -641,6 +646,8 @@ def main() -> int:
     ap.add_argument("--round-timeout-s", type=float, default=300.0)
     ap.add_argument("--join-timeout-s", type=float, default=300.0)
     ap.add_argument("--stop-on-failure", action="store_true")
+    ap.add_argument("--keep-work", action="store_true",
+                    help="keep the work folder (each process's log, the aggregator's state)")
     ap.add_argument("--json", help="write the results here")
     # internal: the child processes
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
