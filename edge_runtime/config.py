@@ -640,7 +640,8 @@ class AgentConfig:
         quant: weight-only quantization of the frozen base.
         compression: upload encoding (fp32, fp16, int8).
         chunk_size: upload chunk size in bytes.
-        ack_timeout_s: re-send an update not acked within this many seconds.
+        ack_timeout_s: re-send an update not acked within this many seconds (doubled
+            with each re-send, at most 8x: `fleet.agent.resend_after`).
         uplink_bytes_per_s: emulate a slow uplink (0 = unlimited).
         out: where to save the final adapter (optional).
         exit_when_done: stop once the final adapter is applied.

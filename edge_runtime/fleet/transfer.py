@@ -9,6 +9,7 @@ is ignored, and the bytes are checked against the sha256 once all are present.
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 import uuid
 from collections.abc import Iterator
@@ -16,6 +17,8 @@ from dataclasses import dataclass, field
 
 from edge_runtime.errors import UserError
 from edge_runtime.fleet.protocol import DEFAULT_CHUNK_SIZE, Manifest
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "TransferError",
@@ -158,6 +161,7 @@ class TransferTable:
         self.max_per_sender = max_per_sender
         self._open: dict[tuple[str, str], Reassembler] = {}
         self._done: dict[tuple[str, str], float] = {}
+        self.evicted = 0  # open transfers dropped because `max_open` were open at once
 
     def get(self, sender: str, tid: str) -> Reassembler | None:
         """The reassembler for a transfer (created on first sight), or None if it finished."""
@@ -174,6 +178,10 @@ class TransferTable:
             if len(self._open) >= self.max_open:
                 oldest = min(self._open, key=lambda k: self._open[k].created)
                 del self._open[oldest]
+                self.evicted += 1
+                log.warning("dropped the open upload %s of %s: %d uploads open at once "
+                            "(max_open); its sender re-sends it", oldest[1], oldest[0],
+                            self.max_open)
             r = self._open[key] = Reassembler(self.max_bytes)
         return r
 

@@ -771,26 +771,31 @@ class AggregatorService:
     def _clip_round(self) -> None:
         """Adaptive clipping at the close: updates whose change of the model is above
         `clip_multiple` x the round's median are pulled back (`fl.clipping`) and the
-        round is folded again, in arrival order."""
+        round is folded again, in arrival order.
+
+        Streams the journal: one update in memory at a time (a pass for the norms, a
+        second only if one is clipped), not every update and its start at once.
+        """
         from edge_runtime.fl.clipping import adaptive_bound, change_norm, clip_to
 
-        updates = {}
-        for f in sorted(self._journal_dir(self.round).glob("*.bin")):
-            adapter, meta = decode_adapter(f.read_bytes())
-            updates[f.stem] = (adapter, int(meta["n_samples"]))
-        order = [d for d in self._accepted if d in updates]
+        jdir = self._journal_dir(self.round)
+
+        def journaled(d: str) -> tuple[Adapter, int]:
+            adapter, meta = decode_adapter((jdir / f"{d}.bin").read_bytes())
+            return adapter, int(meta["n_samples"])
+
+        order = [d for d in self._accepted if (jdir / f"{d}.bin").is_file()]
         if len(order) < self.cfg.clip_min_updates:
             return
-        starts = {d: self._start_of(d) for d in order}
-        norms = {d: change_norm(updates[d][0], starts[d]) for d in order}
+        norms = {d: change_norm(journaled(d)[0], self._start_of(d)) for d in order}
         bound = adaptive_bound(list(norms.values()), self.cfg.clip_multiple)
         if max(norms.values()) <= bound:
             return
         self._acc = self._new_accumulator()
         for d in order:
-            adapter, n = updates[d]
+            adapter, n = journaled(d)
             if norms[d] > bound:
-                adapter, t, before = clip_to(adapter, starts[d], bound)
+                adapter, t, before = clip_to(adapter, self._start_of(d), bound)
                 self._clips.setdefault(d, {})["norm"] = [round(before, 6), round(bound, 6),
                                                          round(t, 6)]
                 log.warning("round %d: %s changed the model by %.4g, above %.1f x the median "

@@ -219,3 +219,41 @@ def test_each_strategy_runs_two_rounds(tmp_path: Path, strategy: str) -> None:
     m = svc.metrics_json({})
     assert [r["round"] for r in m["rounds"]] == [0, 1, 2]
     assert all(r["bytes_down"] > 0 and r["bytes_up"] > 0 for r in m["rounds"][1:])
+
+
+def test_adaptive_clipping_streams_the_journal(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Clipping at the close holds one journaled update at a time, not the whole round
+    (1,000 updates of 2 MB decoded at once were 4 GB; bench_fleet_load.py)."""
+    import gc
+    import weakref
+
+    import edge_runtime.rounds.server as server_mod
+
+    cfg = FleetConfig(rounds=1, round_timeout_s=30, weight_cap="none", clip_multiple=3.0)
+    st = StrategyConfig(StrategyName.FEDAVG)
+    svc = AggregatorService(cfg, st, TrainConfig(steps=2), Planner(SHAPE, st, steps=2),
+                            SHAPES, FP, tmp_path / "state", clock=Clock())
+    devs = [f"d{k}" for k in range(8)]
+    register(svc, dict.fromkeys(devs, "pi5"))
+    opened = svc.plan_round()
+    for k, d in enumerate(devs):  # d7 changes the model 100x more than the others
+        plan = ClientPlan.from_json(opened.announcement.devices[d].plan)
+        assert send(svc, d, trained(plan, k, scale=1.0 if k == 7 else 0.1)).accepted
+    alive: list[weakref.ref] = []
+    most = [0]
+    decode = server_mod.decode_adapter
+
+    def counting_decode(data: bytes):  # type: ignore[no-untyped-def]
+        gc.collect()
+        most[0] = max(most[0], sum(r() is not None for r in alive))
+        adapter, meta = decode(data)
+        alive.append(weakref.ref(next(iter(adapter.values())).lora_b))
+        return adapter, meta
+
+    monkeypatch.setattr(server_mod, "decode_adapter", counting_decode)
+    rec = svc.close_round()
+    assert rec is not None and rec.participants == 8
+    assert set(rec.clipped) == {"d7"} and rec.clipped["d7"]["norm"][2] < 1.0  # t < 1
+    assert len(alive) >= 2 * 8  # a pass for the norms, a second to fold the clipped round
+    assert most[0] <= 1, f"{most[0]} decoded updates held at once"

@@ -114,3 +114,28 @@ def test_a_site_bridge_writes_only_its_own_partials() -> None:
         for c in (agg, site):
             c.loop_stop()
             c.disconnect()
+
+
+@pytest.mark.timeout(60)
+def test_password_file_is_hashed_in_one_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    """1,000 devices: one mosquitto_passwd run, not one per user (bench_fleet_load.py)."""
+    import subprocess
+
+    calls: list[list[str]] = []
+    run = subprocess.run
+
+    def counting_run(cmd, *a, **kw):  # type: ignore[no-untyped-def]
+        calls.append(list(cmd))
+        return run(cmd, *a, **kw)
+
+    monkeypatch.setattr(subprocess, "run", counting_run)
+    users = [f"d{k:04d}" for k in range(1000)]
+    with LocalMosquitto(users) as m:
+        lines = (m.workdir / "passwd").read_text().splitlines()
+        assert len(lines) == 1001 and all(ln.split(":", 1)[1].startswith("$7$") for ln in lines)
+        assert not any(m.passwords[u] in "".join(lines) for u in users[:10])  # hashed
+        ok, rc = _client(m.port, users[-1], m.passwords[users[-1]])
+        assert rc == 0
+        ok.loop_stop()
+        ok.disconnect()
+    assert sum("mosquitto_passwd" in c[0] for c in calls) == 1

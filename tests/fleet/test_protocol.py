@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from edge_runtime.fleet.protocol import (
@@ -32,16 +34,39 @@ def test_topics_parse_roundtrip() -> None:
 def test_messages_roundtrip() -> None:
     ann = RoundAnnouncement(round=2, deadline_unix=123.5, fingerprint="fp",
                             strategy={"name": "hetlora", "gamma": 0.8},
-                            devices={"a": DevicePlan(plan={"rank": 4}, global_transfer_id="g")})
+                            devices={"a": DevicePlan(plan={"device_id": "a", "rank": 4},
+                                                     global_transfer_id="g")})
     assert RoundAnnouncement.from_bytes(ann.to_bytes()) == ann
     # a device of another protocol version is told so, not handed a config it misreads
-    old = ann.to_bytes().replace(b'"version":2', b'"version":1')
+    old = ann.to_bytes().replace(b'"version":3', b'"version":1')
     with pytest.raises(ProtocolError, match="protocol version 1"):
         RoundAnnouncement.from_bytes(old)
     reg = Register(device_id="a", fingerprint="fp", n_samples=10, profile={"x": 1})
     assert Register.from_bytes(reg.to_bytes()) == reg
     ack = Ack(device_id="a", round=1, transfer_id="t", status="rejected", reason="non_finite")
     assert Ack.from_bytes(ack.to_bytes()) == ack
+
+
+def test_announcement_sends_each_plan_once() -> None:
+    """1,000 devices on two plans: two plan entries on the wire, not 1,000 (one entry per
+    device was 2.5 MB at SmolLM2 shapes, above MAX_JSON_BYTES; bench_fleet_load.py)."""
+    ranks = {f"model.layers.{i}.self_attn.{t}_proj": 8 for i in range(30) for t in "qv"}
+    train = {"steps": 10, "lr": 0.001, "batch_size": 4, "seq_len": 64}
+    devices = {f"d{k:04d}": DevicePlan(plan={"device_id": f"d{k:04d}", "ranks": ranks,
+                                             "alpha": 16.0, "device_class": ("pi4", "pi5")[k % 2]},
+                                       global_transfer_id=f"g0-{k % 2}", train=train)
+               for k in range(1000)}
+    devices["odd"] = DevicePlan(plan={"device_id": "other", "ranks": {}}, global_transfer_id="g")
+    ann = RoundAnnouncement(round=0, deadline_unix=1.0, fingerprint="fp", strategy={},
+                            devices=devices)
+    wire = ann.to_bytes()
+    assert len(wire) < 20_000
+    assert len(json.loads(wire)["plans"]) == 3
+    assert RoundAnnouncement.from_bytes(wire) == ann  # a plan naming another id keeps it
+    for bad in (b'"devices":{"d0000":7', b'"devices":{"d0000":true'):
+        broken = wire.replace(b'"devices":{"d0000":0', bad)
+        with pytest.raises(ProtocolError, match="names plan"):
+            RoundAnnouncement.from_bytes(broken)
 
 
 def test_messages_reject_wrong_types() -> None:

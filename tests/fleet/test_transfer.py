@@ -134,6 +134,18 @@ def test_table_forgets_finished_transfers() -> None:
     t.get("d1", "b")
     t.get("d1", "c")  # evicts the oldest open
     assert len(t.open_transfers()) == 2
+    assert t.evicted == 0  # d1's own older upload made room (max_per_sender)
+
+
+def test_table_counts_uploads_evicted_by_max_open() -> None:
+    # more devices uploading at once than max_open: the oldest open upload is dropped
+    # (its sender re-sends it), counted and logged, never silently
+    t = TransferTable(max_bytes=1 << 20, max_open=2)
+    t.get("d1", "a")
+    t.get("d2", "b")
+    assert t.evicted == 0
+    t.get("d3", "c")
+    assert t.open_transfers() == [("d2", "b"), ("d3", "c")] and t.evicted == 1
 
 
 def test_table_bounds_uploads_per_sender_and_total_bytes() -> None:
