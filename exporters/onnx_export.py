@@ -13,9 +13,10 @@ rank (zero factors with a zero scale = no adapter). The KV cache is explicit sta
 runner feeds `present_*` back as `past_*`. Positions are P + arange(T).
 
 Optional weight quantization afterwards as `MatMulNBits` in blocks of 32: `int4` on
-GGUF's Q4_1 grid (a scale and a float zero point per block, `exporters.onnx_int4`: a
-Q4_1 GGUF's weights come back exactly) with the LM head (the tied embedding) on Q8_0's
-8-bit grid, as GGUF files keep it; int8 activations in the matmuls (accuracy level 4);
+GGUF's Q4_1 grid (`exporters.onnx_int4`: integer zero points plus an exact per-block
+correction, so a Q4_1 GGUF's weights come back exactly at the fast kernel's speed) with
+the LM head (the tied embedding) on Q8_0's 8-bit grid, as GGUF files keep it; int8
+activations in the matmuls (accuracy level 4);
 `int8` with ONNX Runtime's
 `MatMulNBitsQuantizer`. Only MatMuls with a constant weight are touched: the LoRA
 MatMuls read graph inputs and stay fp32.
