@@ -53,8 +53,14 @@ def generate_llama_cpp(model: str, prompt: str, cfg: GenerateConfig,
             ad, _meta = load_adapter(adapter, expect_fingerprint=loaded.fingerprint)
             lora_path = str(write_lora_gguf(ad, loaded.model.config, Path(tmp) / "lora.gguf"))
             del loaded
-        llm = llama_cpp.Llama(model_path=str(base), n_ctx=2048, seed=cfg.seed, verbose=False,
-                              n_threads=threads, lora_path=lora_path)
+        try:
+            llm = llama_cpp.Llama(model_path=str(base), n_ctx=2048, seed=cfg.seed,
+                                  verbose=False, n_threads=threads, lora_path=lora_path)
+        except ValueError as e:  # llama.cpp could not load the file(s)
+            raise CheckpointError(f"llama.cpp could not load {base}"
+                                  f"{' with ' + str(adapter) if adapter else ''} ({e}); is it "
+                                  "a complete GGUF? `edge-rt pull` fetches a known model "
+                                  "again") from None
         top_k = (cfg.top_k or 0) if cfg.temperature > 0 else 1
         if cfg.raw:
             out: Any = llm.create_completion(prompt, max_tokens=cfg.max_new_tokens,
