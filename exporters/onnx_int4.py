@@ -102,6 +102,7 @@ def quantize_matmuls_q4(model: Any, block: int = BLOCK, *, head_n: int = 0,
             uses[name] = uses.get(name, 0) + 1
     new_nodes = []
     replaced = 0
+    block_sums: dict[str, str] = {}  # input tensor -> its block sums (q, k and v share one)
     for node in g.node:
         w_name = node.input[1] if node.op_type == "MatMul" and len(node.input) == 2 else ""
         t = inits.get(w_name)
@@ -124,10 +125,13 @@ def quantize_matmuls_q4(model: Any, block: int = BLOCK, *, head_n: int = 0,
                 inits[e_name] = numpy_helper.from_array(block_indicator(k, block), e_name)
                 g.initializer.append(inits[e_name])
             g.initializer.append(numpy_helper.from_array(corr, f"{base}_C"))
+            xs = block_sums.get(node.input[0])
+            if xs is None:
+                xs = block_sums[node.input[0]] = f"{base}_xs"
+                new_nodes.append(helper.make_node("MatMul", [node.input[0], e_name], [xs],
+                                                  name=f"{name}_q4_blocksum"))
             new_nodes += [
-                helper.make_node("MatMul", [node.input[0], e_name], [f"{base}_xs"],
-                                 name=f"{name}_q4_blocksum"),
-                helper.make_node("MatMul", [f"{base}_xs", f"{base}_C"], [f"{base}_corr"],
+                helper.make_node("MatMul", [xs, f"{base}_C"], [f"{base}_corr"],
                                  name=f"{name}_q4_corr"),
                 helper.make_node("Add", [f"{base}_main", f"{base}_corr"], out,
                                  name=f"{name}_q4_add")]
