@@ -172,6 +172,15 @@ class Attention(nn.Module):
             key_pos = torch.arange(k.shape[2], device=x.device)
             mask = key_pos.unsqueeze(0) <= input_pos.unsqueeze(1)  # (T, S_max)
         rep = self.n_heads // self.n_kv_heads
+        if rep > 1 and mask is not None:
+            # with a cache (decode, exports): fold each KV head's `rep` query heads into its
+            # rows instead of repeating K and V: (B, KV, rep*T, hd) against (B, KV, S, hd)
+            # attends the same, without copying the cache rep times per step
+            q = q.reshape(bsz, self.n_kv_heads, rep * seqlen, self.head_dim)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.repeat(rep, 1))
+            y = y.reshape(bsz, self.n_heads, seqlen, self.head_dim)
+            return self.o_proj(y.transpose(1, 2).reshape(bsz, seqlen,
+                                                         self.n_heads * self.head_dim))
         if rep > 1:
             b, kvh, s, hd = k.shape
             k = k[:, :, None].expand(b, kvh, rep, s, hd).reshape(b, kvh * rep, s, hd)
