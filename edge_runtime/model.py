@@ -154,6 +154,10 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.hd, bias=qkv_bias)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.hd, cfg.dim, bias=False)
         self.kv_cache: KVCache | None = None
+        # with a cache, fold each KV head's query heads into its rows instead of repeating
+        # K and V (set by the ONNX export, whose cache grows each step; a static cache of
+        # dynamic length does not trace through the fold)
+        self.fold_gqa = False
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 input_pos: torch.Tensor | None) -> torch.Tensor:
@@ -172,10 +176,9 @@ class Attention(nn.Module):
             key_pos = torch.arange(k.shape[2], device=x.device)
             mask = key_pos.unsqueeze(0) <= input_pos.unsqueeze(1)  # (T, S_max)
         rep = self.n_heads // self.n_kv_heads
-        if rep > 1 and mask is not None:
-            # with a cache (decode, exports): fold each KV head's `rep` query heads into its
-            # rows instead of repeating K and V: (B, KV, rep*T, hd) against (B, KV, S, hd)
-            # attends the same, without copying the cache rep times per step
+        if rep > 1 and mask is not None and self.fold_gqa:
+            # (B, KV, rep*T, hd) queries against (B, KV, S, hd) attend as the repeated
+            # heads do, without copying the cache rep times per step
             q = q.reshape(bsz, self.n_kv_heads, rep * seqlen, self.head_dim)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.repeat(rep, 1))
             y = y.reshape(bsz, self.n_heads, seqlen, self.head_dim)

@@ -82,6 +82,7 @@ class OnnxStep(nn.Module):
         self.caches = nn.ModuleList(ConcatKVCache() for _ in model.model.layers)
         for layer, cache in zip(model.model.layers, self.caches, strict=True):
             layer.self_attn.kv_cache = cache  # type: ignore[union-attr,assignment]
+            layer.self_attn.fold_gqa = True  # type: ignore[union-attr,assignment]
         self.slot_names = list(slots)
         self.slots: list[InputLoRALinear] = []
         for name in self.slot_names:
