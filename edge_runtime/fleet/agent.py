@@ -198,15 +198,11 @@ class DeviceAgent:
         """Join the round's SecAgg: advertise this device's keys (`secagg.protocol`)."""
         from edge_runtime.secagg.protocol import DeviceSession, SecAggError, SecAggParams
 
-        sa = dict(ann.secagg or {})
         self.sa_round, self.sa_inbox, self.sa_masked, self.sa = ann.round, None, False, None
         try:
-            params = SecAggParams(round=int(sa["round"]), devices=tuple(sa["devices"]),
-                                  vector_size=int(sa["vector_size"]), degree=int(sa["degree"]),
-                                  threshold=int(sa["threshold"]),
-                                  frac_bits=int(sa.get("frac_bits", 24)))
+            params = SecAggParams.from_json(ann.secagg or {})
             self.sa = DeviceSession(params, self.cfg.device_id)
-        except (KeyError, TypeError, ValueError, SecAggError) as e:
+        except SecAggError as e:
             log.error("%s: round %d announces secure aggregation this device cannot join "
                       "(%s)", self.cfg.device_id, ann.round, e)
             return

@@ -124,6 +124,17 @@ class SecAggParams:
                 "vector_size": self.vector_size, "degree": self.degree,
                 "threshold": self.threshold, "frac_bits": self.frac_bits}
 
+    @classmethod
+    def from_json(cls, d: Any) -> SecAggParams:
+        """`to_json`'s form (extra keys ignored); raises SecAggError when malformed."""
+        try:
+            return cls(round=int(d["round"]), devices=tuple(str(x) for x in d["devices"]),
+                       vector_size=int(d["vector_size"]), degree=int(d["degree"]),
+                       threshold=int(d["threshold"]),
+                       frac_bits=int(d.get("frac_bits", fixed_point.FRAC_BITS)))
+        except (KeyError, TypeError, ValueError) as e:
+            raise SecAggError(f"malformed SecAgg parameters ({e})") from None
+
 
 def neighbours(p: SecAggParams, dev: str) -> list[str]:
     """dev's neighbours: a circulant graph (k/2 each side) on a permutation seeded by the
