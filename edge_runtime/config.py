@@ -184,8 +184,13 @@ class TrainConfig:
     seed: int = 0
     packing: bool = False
     log_every: int = 1
+    # Activations of the frozen blocks below the lowest LoRA block, kept per example
+    # (fp32, exact) so a later epoch over the same example skips those blocks; 0 = off.
+    prefix_cache_mb: float = 64.0
 
     def __post_init__(self) -> None:
+        if self.prefix_cache_mb < 0:
+            raise ConfigError(f"prefix_cache_mb must be >= 0, got {self.prefix_cache_mb}")
         if self.steps <= 0:
             raise ConfigError(f"steps must be positive, got {self.steps}; pass --steps 20")
         if self.lr <= 0:

@@ -274,25 +274,46 @@ class CausalLM(nn.Module):
             layer.self_attn.kv_cache = None
 
     # --- forward --------------------------------------------------------------
-    def hidden_states(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None
-                      ) -> torch.Tensor:
-        """Final-norm hidden states (B, T, dim) for tokens (B, T)."""
-        seqlen = tokens.shape[1]
-        if input_pos is None:
-            self._ensure_rope(seqlen)
-            cos, sin = self.rope_cos[:seqlen], self.rope_sin[:seqlen]
-        else:
-            cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]  # (T, hd)
+    def hidden_states(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None,
+                      *, prefix: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-norm hidden states (B, T, dim) for tokens (B, T).
+
+        `prefix` (B, T, dim), when given, is `prefix_states(tokens)` computed before (the
+        output of the frozen prefix blocks); the blocks above it run from there.
+        """
+        cos, sin = self._rope(tokens.shape[1], input_pos)
         layers = self.blocks()
         split = self.frozen_prefix if torch.is_grad_enabled() else 0
-        ctx = torch.no_grad() if split > 0 else contextlib.nullcontext()
-        with ctx:
-            h = self.model.embed_tokens(tokens)  # (B, T, dim)
-            for layer in layers[:split]:
-                h = layer(h, cos, sin, input_pos)
+        if prefix is not None:
+            if split == 0:
+                raise ValueError("prefix states need a frozen prefix (LoRA above block 0) "
+                                 "and grad mode")
+            h = prefix
+        else:
+            ctx = torch.no_grad() if split > 0 else contextlib.nullcontext()
+            with ctx:
+                h = self.model.embed_tokens(tokens)  # (B, T, dim)
+                for layer in layers[:split]:
+                    h = layer(h, cos, sin, input_pos)
         for layer in layers[split:]:
             h = layer(h, cos, sin, input_pos)
         return self.model.norm(h)
+
+    @torch.no_grad()
+    def prefix_states(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Output (B, T, dim) of the embedding and the `frozen_prefix` blocks (no graph)."""
+        cos, sin = self._rope(tokens.shape[1], None)
+        h = self.model.embed_tokens(tokens)
+        for layer in self.blocks()[:self.frozen_prefix]:
+            h = layer(h, cos, sin, None)
+        return h
+
+    def _rope(self, seqlen: int, input_pos: torch.Tensor | None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        if input_pos is None:
+            self._ensure_rope(seqlen)
+            return self.rope_cos[:seqlen], self.rope_sin[:seqlen]
+        return self.rope_cos[input_pos], self.rope_sin[input_pos]  # (T, hd)
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, vocab) for tokens (B, T); with a KV cache, `input_pos` (T,) is required."""

@@ -32,6 +32,7 @@ from edge_runtime.errors import UserError
 from edge_runtime.lora import lora_modules
 from edge_runtime.losses import count_label_tokens, token_loss_sum
 from edge_runtime.model import CausalLM
+from edge_runtime.prefix_cache import PrefixCache
 
 __all__ = ["TrainResult", "train", "train_tokenized", "peak_rss_mb", "trainable_parameters"]
 
@@ -50,6 +51,8 @@ class TrainResult:
     num_samples: int = 0
     peak_rss_mb: float = 0.0
     step_times_s: list[float] = field(default_factory=list)
+    prefix_hits: int = 0  # example rows whose frozen-prefix states came from the cache
+    prefix_misses: int = 0
 
     def to_json(self) -> dict:
         return {
@@ -57,6 +60,7 @@ class TrainResult:
             "elapsed_s": round(self.elapsed_s, 3), "stopped_early": self.stopped_early,
             "num_samples": self.num_samples, "peak_rss_mb": round(self.peak_rss_mb, 1),
             "step_times_s": [round(t, 4) for t in self.step_times_s],
+            "prefix_hits": self.prefix_hits, "prefix_misses": self.prefix_misses,
         }
 
 
@@ -144,6 +148,8 @@ def train_tokenized(model: CausalLM, data: list[TokenizedExample], pad_id: int,
         start_step = _load_checkpoint(checkpoint_dir, model, opt)
         log.info("resumed from %s at step %d", checkpoint_dir, start_step)
     batches = batch_iterator(data, cfg.batch_size, cfg.seed)
+    cache = (PrefixCache.of_mb(cfg.prefix_cache_mb)
+             if cfg.prefix_cache_mb > 0 and model.frozen_prefix > 0 else None)
     # Skip what a resumed run already consumed, so the data order is the same.
     for _ in range(start_step * cfg.grad_accum):
         next(batches)
@@ -162,11 +168,14 @@ def train_tokenized(model: CausalLM, data: list[TokenizedExample], pad_id: int,
                 log.info("stopping before step %d: the next step would pass the deadline", step)
                 break
         ts = time.monotonic()
-        micro = [collate(next(batches), pad_id) for _ in range(cfg.grad_accum)]
+        examples = [next(batches) for _ in range(cfg.grad_accum)]
+        micro = [collate(batch, pad_id) for batch in examples]
         n_total = sum(count_label_tokens(lab) for _, lab in micro)
         loss_value = 0.0
-        for ids, labels in micro:
-            loss_sum, _ = token_loss_sum(model, ids, labels)
+        for batch, (ids, labels) in zip(examples, micro, strict=True):
+            prefix = (cache.states(model, [ex.input_ids for ex in batch], ids)
+                      if cache is not None else None)
+            loss_sum, _ = token_loss_sum(model, ids, labels, prefix=prefix)
             loss = loss_sum / max(n_total, 1)
             loss.backward()
             loss_value += float(loss.detach())
@@ -193,4 +202,6 @@ def train_tokenized(model: CausalLM, data: list[TokenizedExample], pad_id: int,
     model.eval()
     result.elapsed_s = time.monotonic() - t0
     result.peak_rss_mb = peak_rss_mb()
+    if cache is not None:
+        result.prefix_hits, result.prefix_misses = cache.hits, cache.misses
     return result

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from edge_runtime.config import LoRAPlan
 from edge_runtime.data import IGNORE
 from edge_runtime.lora import apply_lora, lora_modules
-from edge_runtime.losses import count_label_tokens, token_loss_sum
+from edge_runtime.losses import count_label_tokens, head_loss_sum, token_loss_sum
 from edge_runtime.model import CausalLM, ModelConfig
 
 
@@ -55,3 +55,34 @@ def test_accumulated_gradient_equals_one_big_batch():
     for (name, p1), (_, p2) in zip(m_big.named_parameters(), m_acc.named_parameters(), strict=True):
         if p1.requires_grad:
             assert torch.allclose(p1.grad, p2.grad, atol=1e-6), name
+
+
+def test_fused_head_loss_and_gradient_equal_autograd_in_float64(monkeypatch):
+    """The chunked head computes h's gradient in its forward; check value and gradient
+    against plain autograd on the whole (N, V) logits in float64, across chunk edges."""
+    from edge_runtime import losses
+
+    g = torch.Generator().manual_seed(3)
+    head = torch.nn.Linear(24, 700, bias=False)
+    head.weight.data = torch.randn(700, 24, generator=g) * 0.3
+    head.weight.requires_grad_(False)
+    h = torch.randn(53, 24, generator=g, requires_grad=True)
+    target = torch.randint(0, 700, (53,), generator=g)
+    monkeypatch.setattr(losses, "HEAD_CHUNK_BYTES", 4 * 700 * 10)  # chunks of 10 rows
+    out = head_loss_sum(head, h, target)
+    (2.5 * out).backward()
+    h64 = h.detach().double().requires_grad_(True)
+    ref = F.cross_entropy(h64 @ head.weight.double().t(), target, reduction="sum")
+    (2.5 * ref).backward()
+    assert abs(out.item() - ref.item()) < 1e-5 * abs(ref.item())
+    torch.testing.assert_close(h.grad.double(), h64.grad, atol=1e-6, rtol=1e-5)
+    with torch.no_grad():  # evaluation: same value, no gradient work
+        assert abs(head_loss_sum(head, h, target).item() - ref.item()) < 1e-5 * ref.item()
+
+
+def test_trainable_head_takes_plain_autograd():
+    head = torch.nn.Linear(8, 30, bias=False)
+    h = torch.randn(5, 8)
+    target = torch.randint(0, 30, (5,))
+    head_loss_sum(head, h, target).backward()
+    assert head.weight.grad is not None and head.weight.grad.abs().sum() > 0

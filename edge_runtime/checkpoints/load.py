@@ -18,6 +18,7 @@ from edge_runtime.checkpoints.loaded import LoadedModel
 from edge_runtime.checkpoints.weights import TensorHook
 from edge_runtime.config import QuantMode
 from edge_runtime.errors import CheckpointError
+from edge_runtime.memory import fix_mmap_threshold, release_free_memory
 from edge_runtime.model import CausalLM, ModelConfig
 from edge_runtime.quant import quantize_linears
 from edge_runtime.tokenizer import Tokenizer
@@ -106,6 +107,7 @@ def load_model(spec: str, quant: QuantMode | str = QuantMode.NONE) -> LoadedMode
         ConfigError: unknown quantization mode.
     """
     mode = QuantMode.parse(quant)
+    fix_mmap_threshold()
     if spec == "tiny":
         model, tok, name, source = tiny_model(), Tokenizer.tiny(), "tiny", "tiny"
         fingerprint = base_fingerprint(model)
@@ -119,6 +121,7 @@ def load_model(spec: str, quant: QuantMode | str = QuantMode.NONE) -> LoadedMode
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
+    release_free_memory()
     log.debug("loaded %s from %s (fingerprint %s, quant %s)", name, source, fingerprint,
               mode.value)
     return LoadedModel(model=model, tokenizer=tok, fingerprint=fingerprint, name=name,

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from edge_runtime.config import LoRAPlan
 from edge_runtime.data import IGNORE
 from edge_runtime.lora import apply_lora, remove_lora
-from edge_runtime.losses import token_loss_sum
+from edge_runtime.losses import head_loss_sum, token_loss_sum
 from edge_runtime.model import CausalLM
 from edge_runtime.profiler.cost_model import MB
 
@@ -391,8 +391,7 @@ def measure_head(model: CausalLM, label_tokens: int, warmup: int, repeats: int
 
     def run() -> None:
         hidden = model.model.norm(h)[:, :-1].reshape(-1, dim)  # (N, dim)
-        logits = model.lm_head(hidden).float()  # (N, V)
-        F.cross_entropy(logits, target, reduction="sum").backward()
+        head_loss_sum(model.lm_head, hidden, target).backward()
         h.grad = None
 
     mem = PeakRSS()

@@ -39,6 +39,7 @@ __all__ = ["load_gguf", "open_gguf", "gguf_config", "dequantize_tensor", "unperm
 log = logging.getLogger(__name__)
 
 SUPPORTED_ARCHS = ("llama", "qwen2")
+DEQUANT_CHUNK_BYTES = 4 << 20  # raw GGUF bytes dequantized at a time
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
 
 # GGUF tensor name -> HF name (`{i}` = block index).
@@ -127,12 +128,21 @@ def dequantize_tensor(t: Any) -> np.ndarray:
 
     qtype = _check_type(t)
     shape = _shape(t)
-    arr = dequantize(t.data, qtype)
-    if arr.size != int(np.prod(shape)):
-        raise CheckpointError(f"GGUF tensor {t.name}: {arr.size} values for shape {shape}")
-    # F32 data is a read-only view of the memory map: copied here (requirement "W");
-    # dequantized types are fresh arrays and pass through without a copy.
-    return np.require(arr.reshape(shape), dtype=np.float32, requirements=["C", "W"])
+    rows = t.data  # uint8 (rows, bytes per row)
+    n = int(np.prod(shape))
+    if rows.shape[0] == 0 or n % rows.shape[0] != 0:
+        raise CheckpointError(f"GGUF tensor {t.name}: {rows.shape[0]} rows for shape {shape}")
+    # Row chunks into one fp32 array: dequantizing a large tensor (the 49,152-row
+    # embedding) whole makes several full-size temporaries, which set the loading peak.
+    out = np.empty((rows.shape[0], n // rows.shape[0]), dtype=np.float32)
+    step = max(1, DEQUANT_CHUNK_BYTES // max(rows.shape[1], 1))
+    for i in range(0, rows.shape[0], step):
+        part = dequantize(rows[i:i + step], qtype)
+        if part.size != out[i:i + step].size:
+            raise CheckpointError(f"GGUF tensor {t.name}: {part.size} values in rows "
+                                  f"{i}..{i + step}, expected {out[i:i + step].size}")
+        out[i:i + step] = part.reshape(out[i:i + step].shape)
+    return out.reshape(shape)
 
 
 def _hf_tensors(reader: Any, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:

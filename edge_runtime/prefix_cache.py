@@ -1,0 +1,70 @@
+"""Frozen-prefix activations kept per example, so a later epoch skips the frozen blocks.
+
+With LoRA in the top `depth` blocks, the embedding and the blocks below them are frozen:
+their output for an example is a pure function of its tokens. A device trains on the same
+local examples epoch after epoch, so recomputing them is waste; at depth 8 of
+SmolLM2-135M's 30 blocks they are about a third of a step's CPU time. (Skip2-LoRA,
+Matsutani et al. 2024, caches the frozen part's forward the same way.)
+
+Rows are stored exactly (fp32, the example's own length, no padding) under the example's
+token ids and the prefix depth, within a byte budget; past it, new rows are computed and
+not kept. Causal attention makes a row's states at positions < its length independent of
+the right padding and of the other rows of its batch, so a cached row equals a fresh one
+up to float summation order. A cache is valid for one frozen base: build one per
+training call (what `train_tokenized` does), since FLoRA's frozen global delta changes
+the prefix between rounds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from edge_runtime.model import CausalLM
+
+__all__ = ["PrefixCache"]
+
+
+@dataclass
+class PrefixCache:
+    budget_bytes: int
+    hits: int = 0
+    misses: int = 0
+    stored_bytes: int = 0
+    _rows: dict[tuple[int, tuple[int, ...]], torch.Tensor] = field(default_factory=dict)
+
+    @classmethod
+    def of_mb(cls, mb: float) -> PrefixCache:
+        return cls(budget_bytes=int(mb * 2**20))
+
+    def states(self, model: CausalLM, rows: list[list[int]], input_ids: torch.Tensor
+               ) -> torch.Tensor:
+        """The frozen prefix's output (B, T, dim) for `input_ids` (B, T), right-padded
+        `rows` (each row's own token ids); cached rows are reused, the others computed
+        (one batch of just those rows) and kept while the budget lasts."""
+        split = model.frozen_prefix
+        if split <= 0:
+            raise ValueError("no frozen prefix to cache: apply a LoRA plan with depth below "
+                             "the model's block count")
+        keys = [(split, tuple(r)) for r in rows]
+        missing = [i for i, k in enumerate(keys) if k not in self._rows]
+        missing_set = set(missing)
+        self.hits += len(rows) - len(missing)
+        self.misses += len(missing)
+        b, t = input_ids.shape
+        out = torch.zeros(b, t, model.config.dim)
+        if missing:
+            fresh = model.prefix_states(input_ids[missing])  # (M, T, dim)
+            for j, i in enumerate(missing):
+                out[i] = fresh[j]
+                row = fresh[j, :len(rows[i])].clone()
+                size = row.numel() * row.element_size()
+                if keys[i] not in self._rows and self.stored_bytes + size <= self.budget_bytes:
+                    self._rows[keys[i]] = row
+                    self.stored_bytes += size
+        for i, k in enumerate(keys):
+            if i not in missing_set:
+                cached = self._rows[k]
+                out[i, :cached.shape[0]] = cached
+        return out
