@@ -112,6 +112,9 @@ class Workload:
     batch_size: int
     seq_len: int
     label_fraction: float = 1.0
+    # The trainer's frozen-prefix cache budget (`TrainConfig.prefix_cache_mb`): memory a
+    # plan with a frozen prefix holds once its epochs revisit data.
+    prefix_cache_mb: float = 0.0
 
     @property
     def tokens(self) -> int:
@@ -123,11 +126,12 @@ class Workload:
 
     def to_json(self) -> dict[str, Any]:
         return {"batch_size": self.batch_size, "seq_len": self.seq_len,
-                "label_fraction": self.label_fraction}
+                "label_fraction": self.label_fraction, "prefix_cache_mb": self.prefix_cache_mb}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Workload:
-        return cls(int(d["batch_size"]), int(d["seq_len"]), float(d.get("label_fraction", 1.0)))
+        return cls(int(d["batch_size"]), int(d["seq_len"]), float(d.get("label_fraction", 1.0)),
+                   float(d.get("prefix_cache_mb", 0.0)))
 
 
 def block_features(batch: int, seq_len: int, rank_width: int = 0) -> dict[str, float]:
@@ -241,12 +245,14 @@ class CostModel:
         m_states = params * BYTES_PER_LORA_PARAM / MB
         m_transient = max(f["head_mb"].predict(head_features(workload.label_tokens)),
                           f["block_transient_mb"].predict(block_features(b, t)))
-        peak = self.base_rss_mb + m_states + m_act + m_transient + self.mem_slack_mb
+        m_cache = workload.prefix_cache_mb if depth < n else 0.0
+        peak = self.base_rss_mb + m_states + m_act + m_transient + self.mem_slack_mb + m_cache
         parts = {"frozen_forward_s": (n - depth) * t_fwd / speed, "trained_blocks_s": t_train / speed,
                  "head_s": t_head / speed, "optimizer_s": t_opt / speed,
                  "base_mb": self.base_rss_mb, "lora_states_mb": m_states,
                  "activations_mb": m_act, "transient_mb": m_transient,
-                 "slack_mb": self.mem_slack_mb, "load_peak_mb": self.load_peak_rss_mb}
+                 "slack_mb": self.mem_slack_mb, "prefix_cache_mb": m_cache,
+                 "load_peak_mb": self.load_peak_rss_mb}
         return Prediction(step, peak, params, parts)
 
     def bind(self, workload: Workload, *, speed: float = 1.0) -> BoundCost:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
-from edge_runtime.config import LoRAPlan, ProfileConfig
+from edge_runtime.config import LoRAPlan, ProfileConfig, TrainConfig
 from edge_runtime.model import CausalLM
 from edge_runtime.profiler.chooser import NoPlanFitsError, search_plan
 from edge_runtime.profiler.cost_model import (
@@ -92,7 +92,9 @@ def run_profile(model: CausalLM, cfg: ProfileConfig, *, base_rss_mb: float,
     warmup, repeats = (1, 2) if cfg.quick else (1, 4)
     tk = "cpu_s" if cfg.time_basis == "cpu" else "time_s"
     shape = ModelShape.from_config(model.config)
-    wl = Workload(cfg.batch_size, cfg.seq_len, cfg.label_fraction)
+    # Plans are chosen for the trainer as it runs, frozen-prefix cache included.
+    wl = Workload(cfg.batch_size, cfg.seq_len, cfg.label_fraction,
+                  prefix_cache_mb=TrainConfig().prefix_cache_mb)
     info = device_info()
     progress(f"device: {info['cpu_model']}, {info['cores_logical']} cores, "
              f"{info['available_ram_mb']} of {info['total_ram_mb']} MB available")

@@ -78,3 +78,13 @@ def test_json_round_trip() -> None:
                                                                 rel=1e-4)
     with pytest.raises(ValueError):
         CostModel(SHAPE, "none", {}, 1.0)
+
+
+def test_prefix_cache_budget_counts_only_with_a_frozen_prefix() -> None:
+    plain, cached = Workload(4, 32), Workload(4, 32, prefix_cache_mb=64.0)
+    for depth, extra in ((2, 64.0), (SHAPE.n_layers, 0.0)):
+        plan = LoRAPlan(rank=8, depth=depth)
+        a, b = model().predict(plan, plain), model().predict(plan, cached)
+        assert b.peak_rss_mb - a.peak_rss_mb == pytest.approx(extra)
+        assert b.step_time_s == a.step_time_s
+    assert Workload.from_json(cached.to_json()) == cached
