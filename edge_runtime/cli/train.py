@@ -31,6 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seq-len", type=positive_int, default=128)
     p.add_argument("--grad-accum", type=positive_int, default=1)
     p.add_argument("--packing", action="store_true", help="pack rows into full sequences")
+    p.add_argument("--prefix-cache-mb", type=float, default=TrainConfig.prefix_cache_mb,
+                   metavar="MB", help="keep the frozen blocks' output per example up to MB so "
+                   "later epochs skip them (0: off; default %(default)s)")
     p.add_argument("--time-budget-s", type=positive_float,
                    help="stop cleanly before this many seconds of training")
     p.add_argument("--threads", type=positive_int,
@@ -85,7 +88,8 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = TrainConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size,
                       seq_len=args.seq_len, grad_accum=args.grad_accum,
-                      time_budget_s=args.time_budget_s, seed=args.seed, packing=args.packing)
+                      time_budget_s=args.time_budget_s, seed=args.seed, packing=args.packing,
+                      prefix_cache_mb=args.prefix_cache_mb)
     threads = args.threads
     if threads is None and args.profile:
         # Train at the thread count the profile was measured with: its times assume it.
