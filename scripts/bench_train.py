@@ -8,6 +8,7 @@ block in PEFT too, so depth saves PEFT the same backward work), installed by thi
 if missing (torch is left as it is). Every row's ratio is against PEFT at its own depth.
 
     python scripts/bench_train.py [--model smollm2-135m] [--steps 3] [--threads N]
+        [--depths 0,8,4] [--quants none,int8,int4] [--rounds K]
 
 "x anchor" for time is on CPU seconds (robust to other load on the machine at 1 thread).
 """
@@ -34,6 +35,16 @@ def rss_mb() -> float:
 
 
 def peak_mb() -> float:
+    """This process's peak RSS: VmHWM, the high-water mark of its own address space.
+    (ru_maxrss is not: Linux carries the parent's peak at fork into the child across exec,
+    so a child of a parent holding an fp32 model reported the parent's 1.1 GB.)"""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
@@ -132,6 +143,17 @@ def run_child(args: list[str]) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _median_row(results: list[dict]) -> dict:
+    """One row from repeated runs: medians of the numbers, the run count."""
+    row = dict(results[0])
+    for key in ("step_s", "cpu_s", "warm_cpu_s", "peak_rss_mb", "step_extra_mb",
+                "loaded_rss_mb"):
+        vals = [r[key] for r in results if r.get(key) is not None]
+        row[key] = statistics.median(vals) if vals else None
+    row["runs"] = len(results)
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model", default="smollm2-135m")
@@ -139,6 +161,10 @@ def main() -> None:
     ap.add_argument("--out", default="bench_train.json")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                     help="torch threads per run (CPU seconds are robust to other load at 1)")
+    ap.add_argument("--depths", default="0,8,4", help="LoRA depths (0 = every block)")
+    ap.add_argument("--quants", default="none,int8,int4", help="bases of our rows")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="repeat every configuration, anchor and ours alternating; medians")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--impl", default="ours", help=argparse.SUPPRESS)
     ap.add_argument("--quant", default="none", help=argparse.SUPPRESS)
@@ -155,24 +181,31 @@ def main() -> None:
     from edge_runtime.checkpoints import load_model
     from edge_runtime.checkpoints.hf import save_hf_folder
 
-    rows = []
-    anchors: dict[int, dict] = {}
+    depths = [int(d) for d in a.depths.split(",")]
+    quants = a.quants.split(",")
+    runs: dict[tuple[str, str, int], list[dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        save_hf_folder(load_model(a.model), Path(tmp))
-        n_layers = load_model(a.model).model.config.n_layers
-        for depth in (n_layers, 8, 4):
-            anchors[depth] = run_child(["--impl", "peft", "--hf-dir", tmp, "--steps",
-                                        str(a.steps), "--threads", str(a.threads),
-                                        "--depth", str(depth)])
-    rows.extend(anchors.values())
-    for quant in ("none", "int8", "int4"):
-        for depth in (0, 8, 4):
-            rows.append(run_child(["--model", a.model, "--quant", quant, "--depth", str(depth),
-                                   "--steps", str(a.steps), "--threads", str(a.threads)]))
+        loaded = load_model(a.model)
+        n_layers = loaded.model.config.n_layers
+        save_hf_folder(loaded, Path(tmp))
+        del loaded
+        common = ["--steps", str(a.steps), "--threads", str(a.threads)]
+        # Rounds alternate anchor and ours, so load from other jobs hits both alike.
+        for _ in range(a.rounds):
+            for depth in depths:
+                d = n_layers if depth == 0 else depth
+                r = run_child(["--impl", "peft", "--hf-dir", tmp, "--depth", str(d), *common])
+                runs.setdefault(("peft", "none", d), []).append(r)
+                for quant in quants:
+                    r = run_child(["--model", a.model, "--quant", quant, "--depth", str(d),
+                                   *common])
+                    runs.setdefault(("ours", quant, d), []).append(r)
+    rows = [_median_row(v) for v in runs.values()]
+    anchors = {r["depth"]: r for r in rows if r["impl"].startswith("peft")}
     print(f"one LoRA step, batch {BATCH} x {SEQ} tokens, rank {RANK} on q,v, "
           f"{a.threads} threads; anchor = PEFT + transformers fp32 at the same depth; "
           "cold = a batch seen for the first time, warm = a batch seen before (frozen "
-          "prefix from the cache)")
+          f"prefix from the cache); medians of {a.rounds} run(s) each")
     print("| impl | base | depth | CPU s/step cold | x PEFT | CPU s/step warm | x PEFT | "
           "peak RSS MB | x PEFT | step +MB |\n|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
