@@ -20,7 +20,9 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["q4_blocks", "q4_split", "q8_blocks", "quantize_matmuls_q4"]
+from exporters.config import ExportQuant
+
+__all__ = ["q4_blocks", "q4_split", "q8_blocks", "block_indicator", "emit_linear"]
 
 BLOCK = 32
 
@@ -83,74 +85,40 @@ def q8_blocks(w_nk: np.ndarray, block: int = BLOCK) -> tuple[np.ndarray, np.ndar
             np.full(d.size, 128, dtype=np.uint8))
 
 
-def quantize_matmuls_q4(model: Any, block: int = BLOCK, *, head_n: int = 0,
-                        accuracy_level: int = 0, head_only: bool = False) -> int:
-    """Rewrite every `MatMul(x, W)` of `model` (an onnx.ModelProto, in place) whose W is a
-    float 2-D initializer with K divisible by `block` as `com.microsoft.MatMulNBits`;
-    returns how many. MatMuls on graph inputs (the LoRA factors) stay float.
+def emit_linear(g: Any, x: str, w_nk: np.ndarray, name: str, quant: ExportQuant, *,
+                head: bool = False, out: str | None = None, block: int = BLOCK,
+                accuracy_level: int = 4) -> str:
+    """y = x @ W^T into `g` (an `exporters.onnx_graph.GraphBuilder`); returns y's name.
 
-    `head_n`: a MatMul with N == head_n (the LM head, the tied embedding) gets 8 bits
-    on Q8_0's grid, as GGUF files keep the embedding (a 4-bit head costs the most
-    loss). `accuracy_level`: MatMulNBits' compute (0: float activations; 4: int8)."""
-    from onnx import helper, numpy_helper
-
-    g = model.graph
-    inits = {t.name: t for t in g.initializer}
-    uses: dict[str, int] = {}
-    for node in g.node:
-        for name in node.input:
-            uses[name] = uses.get(name, 0) + 1
-    new_nodes = []
-    replaced = 0
-    block_sums: dict[str, str] = {}  # input tensor -> its block sums (q, k and v share one)
-    for node in g.node:
-        w_name = node.input[1] if node.op_type == "MatMul" and len(node.input) == 2 else ""
-        t = inits.get(w_name)
-        arr = numpy_helper.to_array(t) if t is not None else None
-        if (arr is None or arr.ndim != 2 or arr.dtype != np.float32
-                or arr.shape[0] % block or (head_only and arr.shape[1] != head_n)):
-            new_nodes.append(node)
-            continue
-        k, n = arr.shape
-        bits = 8 if head_n and n == head_n else 4
-        base = f"{w_name}_q4"
-        name = node.name or w_name
-        out = list(node.output)
-        if bits == 8:
-            packed, scales, zeros = q8_blocks(arr.T, block)
-        else:  # the Q4_1 grid as integer zero points + the exact correction (q4_split)
-            packed, scales, zeros, corr = q4_split(arr.T, block)
-            e_name = f"q4_block_indicator_{k}"
-            if e_name not in inits:
-                inits[e_name] = numpy_helper.from_array(block_indicator(k, block), e_name)
-                g.initializer.append(inits[e_name])
-            g.initializer.append(numpy_helper.from_array(corr, f"{base}_C"))
-            xs = block_sums.get(node.input[0])
-            if xs is None:
-                xs = block_sums[node.input[0]] = f"{base}_xs"
-                new_nodes.append(helper.make_node("MatMul", [node.input[0], e_name], [xs],
-                                                  name=f"{name}_q4_blocksum"))
-            new_nodes += [
-                helper.make_node("MatMul", [xs, f"{base}_C"], [f"{base}_corr"],
-                                 name=f"{name}_q4_corr"),
-                helper.make_node("Add", [f"{base}_main", f"{base}_corr"], out,
-                                 name=f"{name}_q4_add")]
-            out = [f"{base}_main"]
-        g.initializer.extend([numpy_helper.from_array(packed, f"{base}_B"),
-                              numpy_helper.from_array(scales, f"{base}_scales"),
-                              numpy_helper.from_array(zeros, f"{base}_zp")])
-        new_nodes.append(helper.make_node(
-            "MatMulNBits", [node.input[0], f"{base}_B", f"{base}_scales", f"{base}_zp"],
-            out, name=f"{name}_q4", domain="com.microsoft",
-            K=k, N=n, bits=bits, block_size=block, accuracy_level=accuracy_level))
-        uses[w_name] -= 1
-        replaced += 1
-    del g.node[:]
-    g.node.extend(new_nodes)
-    keep = [t for t in g.initializer if uses.get(t.name, 1) > 0 or t.name.endswith(
-        ("_q4_B", "_q4_scales", "_q4_zp", "_q4_C")) or t.name.startswith("q4_block_indicator")]
-    del g.initializer[:]
-    g.initializer.extend(keep)
-    if not any(o.domain == "com.microsoft" for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    return replaced
+    W is (N, K) (output rows, input columns). `none`: fp32 `MatMul`. `int8`: MatMulNBits
+    on Q8_0's grid. `int4`: MatMulNBits on the Q4_1 grid (`q4_split`) plus the exact
+    correction (x @ E) @ C, the block sums x @ E computed once per input `x` and shared
+    by every linear that reads it; the LM head (`head`) gets Q8_0's grid, as GGUF files
+    keep the tied embedding. `accuracy_level` 4: int8 activations in MatMulNBits.
+    """
+    n, k = w_nk.shape
+    outs = [out] if out else 1
+    if quant is ExportQuant.NONE:
+        w = g.const(f"{name}.weight_t", np.ascontiguousarray(w_nk.T.astype(np.float32)))
+        return str(g.op("MatMul", [x, w], outs)[0])
+    if k % block:
+        raise ValueError(f"{name}: K = {k} is not a multiple of the block {block}")
+    bits = 8 if head or quant is ExportQuant.INT8 else 4
+    corr = None
+    if bits == 8:
+        packed, scales, zeros = q8_blocks(w_nk, block)
+    else:
+        packed, scales, zeros, corr = q4_split(w_nk, block)
+    ins = [x, g.const(f"{name}.q_B", packed), g.const(f"{name}.q_scales", scales),
+           g.const(f"{name}.q_zp", zeros)]
+    attrs = {"K": k, "N": n, "bits": bits, "block_size": block,
+             "accuracy_level": accuracy_level}
+    if corr is None:
+        return str(g.op("MatMulNBits", ins, outs, domain="com.microsoft", **attrs)[0])
+    main = g.op("MatMulNBits", ins, domain="com.microsoft", **attrs)[0]
+    xs = g.block_sums.get((x, k))
+    if xs is None:
+        e = g.const(f"q4_block_indicator_{k}", block_indicator(k, block))
+        xs = g.block_sums[(x, k)] = g.op("MatMul", [x, e])[0]  # (..., K/block)
+    fix = g.op("MatMul", [xs, g.const(f"{name}.q_C", corr)])[0]  # (..., N)
+    return str(g.op("Add", [main, fix], outs)[0])

@@ -9,19 +9,21 @@ import pytest
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+from onnx import TensorProto  # noqa: E402
 
-from exporters.onnx_int4 import q4_blocks, quantize_matmuls_q4  # noqa: E402
+from exporters.config import ExportQuant  # noqa: E402
+from exporters.onnx_graph import GraphBuilder  # noqa: E402
+from exporters.onnx_int4 import emit_linear, q4_blocks  # noqa: E402
 
 
-def _matmul_model(w_kn: np.ndarray) -> onnx.ModelProto:
-    k, n = w_kn.shape
-    g = helper.make_graph(
-        [helper.make_node("MatMul", ["A", "W"], ["Y"])], "g",
-        [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["T", k])],
-        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["T", n])],
-        initializer=[numpy_helper.from_array(w_kn, "W")])
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+def _linear_model(w_nk: np.ndarray, quant: ExportQuant = ExportQuant.INT4) -> onnx.ModelProto:
+    n, k = w_nk.shape
+    g = GraphBuilder()
+    g.input("A", TensorProto.FLOAT, ["T", k])
+    # float activations (accuracy level 0): the weights alone decide the result
+    emit_linear(g, "A", w_nk, "w", quant, out="Y", accuracy_level=0)
+    g.output("Y", TensorProto.FLOAT, ["T", n])
+    return g.model("g")
 
 
 def _run(model: onnx.ModelProto, a: np.ndarray) -> np.ndarray:
@@ -37,11 +39,11 @@ def test_q4_1_weights_come_back_exactly() -> None:
     d = rng.uniform(0.005, 0.05, size=(n, nb, 1)).astype(np.float16).astype(np.float64)
     m = rng.uniform(-0.4, 0.1, size=(n, nb, 1)).astype(np.float16).astype(np.float64)
     w_nk = (m + d * q).reshape(n, k).astype(np.float32)
-    model = _matmul_model(np.ascontiguousarray(w_nk.T))
-    assert quantize_matmuls_q4(model) == 1
+    model = _linear_model(w_nk)
     ops = sorted(x.op_type for x in model.graph.node)
     assert ops == ["Add", "MatMul", "MatMul", "MatMulNBits"]  # + the exact correction
-    assert all(t.name != "W" for t in model.graph.initializer)  # the float weight is gone
+    floats = [t for t in model.graph.initializer if t.data_type == TensorProto.FLOAT]
+    assert all(int(np.prod(t.dims)) < n * k for t in floats)  # no float copy of W
     a = rng.normal(size=(5, k)).astype(np.float32)
     want = a.astype(np.float64) @ w_nk.T.astype(np.float64)
     got = _run(model, a)
