@@ -184,8 +184,9 @@ class OnnxRunner:
 
 
 def open_runner(export_dir: str | Path, adapter: Adapter | None = None,
-                backend: str | None = None) -> Runner:
-    """The runner for an export folder; `backend` (if given) must match its format."""
+                backend: str | None = None, threads: int = 0) -> Runner:
+    """The runner for an export folder; `backend` (if given) must match its format.
+    `threads`: ONNX Runtime's intra-op threads (0: its default, one per core)."""
     manifest = read_manifest(export_dir)
     fmt = manifest["format"]
     if backend is not None and backend != fmt:
@@ -196,7 +197,7 @@ def open_runner(export_dir: str | Path, adapter: Adapter | None = None,
     if fmt == "executorch":
         return ExecuTorchRunner(export_dir, adapter, manifest)
     if fmt == "onnx":
-        return OnnxRunner(export_dir, adapter, manifest)
+        return OnnxRunner(export_dir, adapter, manifest, threads=threads)
     raise ExportFolderError(f"{export_dir}: unknown export format {fmt!r}; re-run edge-rt export")
 
 
