@@ -7,11 +7,19 @@ weights dequantized from a Q4_1 GGUF come back exactly. ONNX Runtime's own quant
 (`MatMulNBitsQuantizer`) rounds z to an integer, which moves the grid by up to half a
 step and rounds every weight a second time (+5% held-out loss on SmolLM2-135M).
 
-MatMulNBits accepts a float z, but its CPU kernel is then ~7x slower in decode (13.9
-against 101.7 tok/s measured). So z is split (`q4_split`): an integer part for
-MatMulNBits' fast path and the rest, constant per (output row, block), as a small exact
-correction (x @ E) @ C, E being the (K, K/32) block indicator. The tied LM head (Q8_0 in
-GGUF files) gets 8 bits on Q8_0's grid (`q8_blocks`).
+MatMulNBits accepts a float z, but its CPU kernel is then ~30x slower (1.9 ms against
+62 us for a 576 x 1536 product, measured). So z is split (`q4_offsets`): z = zi + zf,
+the integer part zi for the fast kernel, and the rest, -d zf, is constant per (output
+row n, block b): x @ W gains sum_b xs_b c[n, b], xs_b being the sum of x over block b.
+The block sums ride along as extra inputs of the same MatMulNBits: A = [x | xs]
+(K + K/32 columns) and the extra columns of W hold c in 4 bits (per row and block of 32
+offsets: scale = range / 15 with 0 in the range, integer zero point). The Q4_1 weights
+themselves stay exact; each offset c is within 1/30 of its row's offset range (mostly
+[-d, 0]; zf leaves [0, 1) only where a block's minimum is > 0 or its maximum < 0, z
+then clipped to 0..15) (SmolLM2-135M held-out
+loss 3.840, against 3.832 with the offsets exact in fp32, which cost two more ops per
+linear and ~10% of decode speed). The tied LM head (Q8_0 in GGUF files) gets 8 bits on
+Q8_0's grid (`q8_blocks`).
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ import numpy as np
 
 from exporters.config import ExportQuant
 
-__all__ = ["q4_blocks", "q4_split", "q8_blocks", "block_indicator", "emit_linear"]
+__all__ = ["q4_blocks", "q4_offsets", "q8_blocks", "emit_linear", "pack_nibbles"]
 
 BLOCK = 32
 
@@ -42,32 +50,39 @@ def q4_blocks(w_nk: np.ndarray, block: int = BLOCK) -> tuple[np.ndarray, np.ndar
     return packed, d.astype(np.float32).reshape(-1), (-lo / d).astype(np.float32).reshape(-1)
 
 
-def q4_split(w_nk: np.ndarray, block: int = BLOCK
-             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """The Q4_1 grid with an integer zero point plus an exact correction.
+def pack_nibbles(q: np.ndarray) -> np.ndarray:
+    """uint8 values 0..15 (..., 2m) -> bytes (..., m), the even index in the low nibble."""
+    return (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
 
-    A float zero point z (`q4_blocks`) is split as z = zi + zf with zi = clip(floor(z),
-    0, 15), so w = d (q - zi) - d zf: the first term is MatMulNBits' fast path (uint8 zero
-    points) and the second is constant per (row, block), so x @ W gains
-    (x @ E) @ C with E the (K, K/block) block indicator and C[b, n] = -d zf (K/block, N).
-    Returns (packed (N, K/block, block/2), scales, packed uint8 zero points, C)."""
+
+def q4_offsets(w_nk: np.ndarray, block: int = BLOCK
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """The Q4_1 grid of W (N, K) as one MatMulNBits over A = [x | xs] (K + K/block
+    columns, xs the block sums of x): integer zero points for the weights plus their
+    offsets c = -d zf in the extra columns (see the module docstring).
+
+    Returns (packed uint8 (N, n_blocks, block/2), scales (N * n_blocks,), packed zero
+    points (N * ceil(n_blocks / 2),), K + K/block); n_blocks = ceil((K + K/block) / block).
+    """
     n, k = w_nk.shape
     packed, scales, zeros = q4_blocks(w_nk, block)
     nb = k // block
     zi = np.clip(np.floor(zeros.astype(np.float64)), 0, 15)
-    corr = (-scales.astype(np.float64) * (zeros - zi)).reshape(n, nb).T  # (nb, N)
-    z = zi.astype(np.uint8).reshape(n, nb)
-    if nb % 2:
+    c = (-scales.astype(np.float64) * (zeros - zi)).reshape(n, nb)  # (N, nb), mostly in [-d, 0]
+    na = -(-nb // block)  # blocks of offsets
+    cp = np.zeros((n, na * block))
+    cp[:, :nb] = c
+    cb = cp.reshape(n, na, block)
+    lo, hi = np.minimum(cb.min(axis=2), 0.0), np.maximum(cb.max(axis=2), 0.0)  # (N, na)
+    s_off = np.maximum(hi - lo, np.finfo(np.float32).tiny) / 15.0
+    z_off = np.clip(np.rint(-lo / s_off), 0, 15)  # integer, so a zero offset stays 0
+    q_off = np.clip(np.rint(cb / s_off[..., None]) + z_off[..., None], 0, 15).astype(np.uint8)
+    packed = np.concatenate([packed, pack_nibbles(q_off)], axis=1)
+    scales = np.concatenate([scales.reshape(n, nb), s_off.astype(np.float32)], axis=1)
+    z = np.concatenate([zi.reshape(n, nb), z_off], axis=1).astype(np.uint8)
+    if z.shape[1] % 2:
         z = np.concatenate([z, np.zeros((n, 1), np.uint8)], axis=1)
-    zp = (z[:, 0::2] | (z[:, 1::2] << 4)).astype(np.uint8).reshape(-1)
-    return packed, scales, zp, corr.astype(np.float32)
-
-
-def block_indicator(k: int, block: int = BLOCK) -> np.ndarray:
-    """E (K, K/block): E[i, b] = 1 where input i is in block b."""
-    e = np.zeros((k, k // block), dtype=np.float32)
-    e[np.arange(k), np.arange(k) // block] = 1.0
-    return e
+    return packed, scales.reshape(-1), pack_nibbles(z).reshape(-1), k + nb
 
 
 def q8_blocks(w_nk: np.ndarray, block: int = BLOCK) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -85,16 +100,28 @@ def q8_blocks(w_nk: np.ndarray, block: int = BLOCK) -> tuple[np.ndarray, np.ndar
             np.full(d.size, 128, dtype=np.uint8))
 
 
+def _with_block_sums(g: Any, x: str, k: int, block: int) -> str:
+    """[x | xs] (..., K + K/block), xs the sums of x over its blocks; once per input."""
+    xa = g.block_sums.get((x, k))
+    if xa is None:
+        shape = g.const(f"q4_blocks_shape_{k}", np.array([0, 0, k // block, block], np.int64))
+        blocks = g.op("Reshape", [x, shape])[0]  # (B, T, K/block, block)
+        xs = g.op("ReduceSum", [blocks, g.const("q4_last_axis", np.array([-1], np.int64))],
+                  keepdims=0)[0]  # (B, T, K/block)
+        xa = g.block_sums[(x, k)] = g.op("Concat", [x, xs], axis=-1)[0]
+    return str(xa)
+
+
 def emit_linear(g: Any, x: str, w_nk: np.ndarray, name: str, quant: ExportQuant, *,
                 head: bool = False, out: str | None = None, block: int = BLOCK,
                 accuracy_level: int = 4) -> str:
     """y = x @ W^T into `g` (an `exporters.onnx_graph.GraphBuilder`); returns y's name.
 
-    W is (N, K) (output rows, input columns). `none`: fp32 `MatMul`. `int8`: MatMulNBits
-    on Q8_0's grid. `int4`: MatMulNBits on the Q4_1 grid (`q4_split`) plus the exact
-    correction (x @ E) @ C, the block sums x @ E computed once per input `x` and shared
-    by every linear that reads it; the LM head (`head`) gets Q8_0's grid, as GGUF files
-    keep the tied embedding. `accuracy_level` 4: int8 activations in MatMulNBits.
+    W is (N, K) (output rows, input columns); x is (B, T, K). `none`: fp32 `MatMul`.
+    `int8`: MatMulNBits on Q8_0's grid. `int4`: MatMulNBits on the Q4_1 grid over
+    [x | block sums of x] (`q4_offsets`), the block sums made once per input `x` and
+    shared by every linear that reads it; the LM head (`head`) gets Q8_0's grid, as GGUF
+    files keep the tied embedding. `accuracy_level` 4: int8 activations in MatMulNBits.
     """
     n, k = w_nk.shape
     outs = [out] if out else 1
@@ -103,22 +130,13 @@ def emit_linear(g: Any, x: str, w_nk: np.ndarray, name: str, quant: ExportQuant,
         return str(g.op("MatMul", [x, w], outs)[0])
     if k % block:
         raise ValueError(f"{name}: K = {k} is not a multiple of the block {block}")
-    bits = 8 if head or quant is ExportQuant.INT8 else 4
-    corr = None
-    if bits == 8:
+    if head or quant is ExportQuant.INT8:
+        bits, k_in, a = 8, k, x
         packed, scales, zeros = q8_blocks(w_nk, block)
     else:
-        packed, scales, zeros, corr = q4_split(w_nk, block)
-    ins = [x, g.const(f"{name}.q_B", packed), g.const(f"{name}.q_scales", scales),
+        bits, a = 4, _with_block_sums(g, x, k, block)
+        packed, scales, zeros, k_in = q4_offsets(w_nk, block)
+    ins = [a, g.const(f"{name}.q_B", packed), g.const(f"{name}.q_scales", scales),
            g.const(f"{name}.q_zp", zeros)]
-    attrs = {"K": k, "N": n, "bits": bits, "block_size": block,
-             "accuracy_level": accuracy_level}
-    if corr is None:
-        return str(g.op("MatMulNBits", ins, outs, domain="com.microsoft", **attrs)[0])
-    main = g.op("MatMulNBits", ins, domain="com.microsoft", **attrs)[0]
-    xs = g.block_sums.get((x, k))
-    if xs is None:
-        e = g.const(f"q4_block_indicator_{k}", block_indicator(k, block))
-        xs = g.block_sums[(x, k)] = g.op("MatMul", [x, e])[0]  # (..., K/block)
-    fix = g.op("MatMul", [xs, g.const(f"{name}.q_C", corr)])[0]  # (..., N)
-    return str(g.op("Add", [main, fix], outs)[0])
+    return str(g.op("MatMulNBits", ins, outs, domain="com.microsoft", K=k_in, N=n, bits=bits,
+                    block_size=block, accuracy_level=accuracy_level)[0])
