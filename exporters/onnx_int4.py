@@ -11,14 +11,16 @@ MatMulNBits accepts a float z, but its CPU kernel is then ~30x slower (1.9 ms ag
 62 us for a 576 x 1536 product, measured). So z is split (`q4_offsets`): z = zi + zf,
 the integer part zi for the fast kernel, and the rest, -d zf, is constant per (output
 row n, block b): x @ W gains sum_b xs_b c[n, b], xs_b being the sum of x over block b.
-The block sums ride along as extra inputs of the same MatMulNBits: A = [x | xs]
-(K + K/32 columns) and the extra columns of W hold c in 4 bits (per row and block of 32
-offsets: scale = range / 15 with 0 in the range, integer zero point). The Q4_1 weights
-themselves stay exact; each offset c is within 1/30 of its row's offset range (mostly
-[-d, 0]; zf leaves [0, 1) only where a block's minimum is > 0 or its maximum < 0, z
-then clipped to 0..15) (SmolLM2-135M held-out
-loss 3.840, against 3.832 with the offsets exact in fp32, which cost two more ops per
-linear and ~10% of decode speed). The tied LM head (Q8_0 in GGUF files) gets 8 bits on
+The block sums ride along as extra inputs of the same MatMulNBits: A = [x | xs | xs/16]
+(K + 2 K/32 columns); the extra columns of W hold c = s (hi - 8) + (s/16) (lo - 8), two
+4-bit parts on one scale s per row (zero point 8), so c is within s/16 (about 1/128 of
+the row's offset range, mostly [-d, 0]; zf leaves [0, 1) only where a block's minimum is
+> 0 or its maximum < 0, zi being clipped to 0..15). The Q4_1 weights themselves stay
+exact. Against the offsets exact in fp32 as (x @ E) @ C + Add (two more ops and 13 MB
+more per token on SmolLM2-135M): decode +15% (one thread, CPU time, median of 6), held-out
+loss 3.837 against 3.832, greedy tokens still those of eager (one 4-bit part alone, within
+1/30 of the range: +19% but one greedy token in 32 flipped).
+The tied LM head (Q8_0 in GGUF files) gets 8 bits on
 Q8_0's grid (`q8_blocks`).
 """
 
@@ -57,32 +59,35 @@ def pack_nibbles(q: np.ndarray) -> np.ndarray:
 
 def q4_offsets(w_nk: np.ndarray, block: int = BLOCK
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """The Q4_1 grid of W (N, K) as one MatMulNBits over A = [x | xs] (K + K/block
-    columns, xs the block sums of x): integer zero points for the weights plus their
-    offsets c = -d zf in the extra columns (see the module docstring).
+    """The Q4_1 grid of W (N, K) as one MatMulNBits over A = [x | xs | xs / 16]
+    (K + 2 K/block columns, xs the block sums of x): integer zero points for the weights
+    plus their offsets c = -d zf in two 4-bit parts on the extra columns (see the module
+    docstring).
 
     Returns (packed uint8 (N, n_blocks, block/2), scales (N * n_blocks,), packed zero
-    points (N * ceil(n_blocks / 2),), K + K/block); n_blocks = ceil((K + K/block) / block).
+    points (N * ceil(n_blocks / 2),), K + 2 K/block); n_blocks = ceil(that / block).
     """
     n, k = w_nk.shape
     packed, scales, zeros = q4_blocks(w_nk, block)
     nb = k // block
     zi = np.clip(np.floor(zeros.astype(np.float64)), 0, 15)
-    c = (-scales.astype(np.float64) * (zeros - zi)).reshape(n, nb)  # (N, nb), mostly in [-d, 0]
-    na = -(-nb // block)  # blocks of offsets
-    cp = np.zeros((n, na * block))
-    cp[:, :nb] = c
-    cb = cp.reshape(n, na, block)
-    lo, hi = np.minimum(cb.min(axis=2), 0.0), np.maximum(cb.max(axis=2), 0.0)  # (N, na)
-    s_off = np.maximum(hi - lo, np.finfo(np.float32).tiny) / 15.0
-    z_off = np.clip(np.rint(-lo / s_off), 0, 15)  # integer, so a zero offset stays 0
-    q_off = np.clip(np.rint(cb / s_off[..., None]) + z_off[..., None], 0, 15).astype(np.uint8)
-    packed = np.concatenate([packed, pack_nibbles(q_off)], axis=1)
-    scales = np.concatenate([scales.reshape(n, nb), s_off.astype(np.float32)], axis=1)
-    z = np.concatenate([zi.reshape(n, nb), z_off], axis=1).astype(np.uint8)
+    c = (-scales.astype(np.float64) * (zeros - zi)).reshape(n, nb)  # (N, nb), mostly [-d, 0]
+    # one offset scale per row, zero point 8: hi in [-8 s, 7 s], its remainder r (|r| <= s/2)
+    # as lo on the xs / 16 columns, so c = s (hi - 8) + (s / 16) (lo - 8) to within s / 16
+    s_row = np.maximum(np.maximum(-c.min(axis=1) / 8, c.max(axis=1) / 7),
+                       np.finfo(np.float32).tiny).astype(np.float32).astype(np.float64)
+    hi = np.clip(np.rint(c / s_row[:, None]), -8, 7)
+    lo = np.clip(np.rint(16 * (c - s_row[:, None] * hi) / s_row[:, None]), -8, 7)
+    na = -(-2 * nb // block)  # blocks holding hi and lo
+    q_off = np.full((n, na * block), 8, np.uint8)  # 8 = weight 0 (padding)
+    q_off[:, :nb], q_off[:, nb:2 * nb] = hi + 8, lo + 8
+    packed = np.concatenate([packed, pack_nibbles(q_off.reshape(n, na, block))], axis=1)
+    scales = np.concatenate([scales.reshape(n, nb), np.repeat(s_row[:, None], na, axis=1)],
+                            axis=1).astype(np.float32)
+    z = np.concatenate([zi.reshape(n, nb), np.full((n, na), 8)], axis=1).astype(np.uint8)
     if z.shape[1] % 2:
         z = np.concatenate([z, np.zeros((n, 1), np.uint8)], axis=1)
-    return packed, scales.reshape(-1), pack_nibbles(z).reshape(-1), k + nb
+    return packed, scales.reshape(-1), pack_nibbles(z).reshape(-1), k + 2 * nb
 
 
 def q8_blocks(w_nk: np.ndarray, block: int = BLOCK) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -101,14 +106,17 @@ def q8_blocks(w_nk: np.ndarray, block: int = BLOCK) -> tuple[np.ndarray, np.ndar
 
 
 def _with_block_sums(g: Any, x: str, k: int, block: int) -> str:
-    """[x | xs] (..., K + K/block), xs the sums of x over its blocks; once per input."""
+    """[x | xs | xs / 16] (..., K + 2 K/block), xs the sums of x over its blocks; once per
+    input."""
     xa = g.block_sums.get((x, k))
     if xa is None:
         shape = g.const(f"q4_blocks_shape_{k}", np.array([0, 0, k // block, block], np.int64))
         blocks = g.op("Reshape", [x, shape])[0]  # (B, T, K/block, block)
         xs = g.op("ReduceSum", [blocks, g.const("q4_last_axis", np.array([-1], np.int64))],
                   keepdims=0)[0]  # (B, T, K/block)
-        xa = g.block_sums[(x, k)] = g.op("Concat", [x, xs], axis=-1)[0]
+        sixteenth = g.const("q4_sixteenth", np.array(1 / 16, np.float32))
+        xs16 = g.op("Mul", [xs, sixteenth])[0]  # exact: a power of two
+        xa = g.block_sums[(x, k)] = g.op("Concat", [x, xs, xs16], axis=-1)[0]
     return str(xa)
 
 
