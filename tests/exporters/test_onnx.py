@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from edge_runtime.checkpoints import LoadedModel, load_model
 from edge_runtime.config import GenerateConfig
 from edge_runtime.errors import ConfigError
 from edge_runtime.generate import generate
+from edge_runtime.model import CausalLM
 from exporters.config import ExportConfig, ExportFormat, ExportQuant
 from exporters.export import ExportFolderError, export_model, read_manifest
 from exporters.onnx_graph import KV_DIM
@@ -148,3 +150,20 @@ def test_runner_refuses_past_max_seq_len_and_old_layouts(onnx_dir: Path, tmp_pat
     del manifest["kv_layout"]  # what the traced graph (KV concatenated per step) wrote
     with pytest.raises(ExportFolderError, match="re-run edge-rt export"):
         OnnxRunner(onnx_dir, manifest=manifest)
+
+
+def test_biased_attention_untied_head_and_scaled_rope_match_eager(tmp_path: Path,
+                                                                    base: LoadedModel) -> None:
+    """The graph builder's other branches: q/k/v biases (Qwen2), an untied LM head and
+    Llama-3 RoPE scaling, fp32 against eager."""
+    cfg = dataclasses.replace(base.model.config, attention_bias=True, tie_embeddings=False,
+                              rope_scaling={"rope_type": "llama3", "factor": 8.0,
+                                            "original_max_position_embeddings": 64})
+    torch.manual_seed(3)
+    model = CausalLM(cfg).eval()
+    loaded = LoadedModel(model=copy.deepcopy(model), tokenizer=base.tokenizer,
+                         fingerprint="test", name="tiny-biased", source="test")
+    export_model(loaded, ExportConfig(format=ExportFormat.ONNX, max_seq_len=64), tmp_path)
+    ref = eager_logits(model, TOKENS)
+    got, pos = runner_rows(OnnxRunner(tmp_path), TOKENS, prefill=4)
+    assert (got - ref[pos]).abs().max().item() <= FP32_ATOL
