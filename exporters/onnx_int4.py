@@ -7,11 +7,21 @@ weights dequantized from a Q4_1 GGUF come back exactly. ONNX Runtime's own quant
 (`MatMulNBitsQuantizer`) rounds z to an integer, which moves the grid by up to half a
 step and rounds every weight a second time (+5% held-out loss on SmolLM2-135M).
 
-MatMulNBits accepts a float z, but its CPU kernel is then ~7x slower in decode (13.9
-against 101.7 tok/s measured). So z is split (`q4_split`): an integer part for
-MatMulNBits' fast path and the rest, constant per (output row, block), as a small exact
-correction (x @ E) @ C, E being the (K, K/32) block indicator. The tied LM head (Q8_0 in
-GGUF files) gets 8 bits on Q8_0's grid (`q8_blocks`).
+MatMulNBits accepts a float z, but its CPU kernel is then ~30x slower (1.9 ms against
+62 us for a 576 x 1536 product, measured). So z is split (`q4_offsets`): z = zi + zf,
+the integer part zi for the fast kernel, and the rest, -d zf, is constant per (output
+row n, block b): x @ W gains sum_b xs_b c[n, b], xs_b being the sum of x over block b.
+The block sums ride along as extra inputs of the same MatMulNBits: A = [x | xs | xs/16]
+(K + 2 K/32 columns); the extra columns of W hold c = s (hi - 8) + (s/16) (lo - 8), two
+4-bit parts on one scale s per row (zero point 8), so c is within s/16 (about 1/128 of
+the row's offset range, mostly [-d, 0]; zf leaves [0, 1) only where a block's minimum is
+> 0 or its maximum < 0, zi being clipped to 0..15). The Q4_1 weights themselves stay
+exact. Against the offsets exact in fp32 as (x @ E) @ C + Add (two more ops and 13 MB
+more per token on SmolLM2-135M): decode +15% (one thread, CPU time, median of 6), held-out
+loss 3.837 against 3.832, greedy tokens still those of eager (one 4-bit part alone, within
+1/30 of the range: +19% but one greedy token in 32 flipped).
+The tied LM head (Q8_0 in GGUF files) gets 8 bits on
+Q8_0's grid (`q8_blocks`).
 """
 
 from __future__ import annotations
@@ -20,7 +30,9 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["q4_blocks", "q4_split", "q8_blocks", "quantize_matmuls_q4"]
+from exporters.config import ExportQuant
+
+__all__ = ["q4_blocks", "q4_offsets", "q8_blocks", "emit_linear", "pack_nibbles"]
 
 BLOCK = 32
 
@@ -40,32 +52,42 @@ def q4_blocks(w_nk: np.ndarray, block: int = BLOCK) -> tuple[np.ndarray, np.ndar
     return packed, d.astype(np.float32).reshape(-1), (-lo / d).astype(np.float32).reshape(-1)
 
 
-def q4_split(w_nk: np.ndarray, block: int = BLOCK
-             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """The Q4_1 grid with an integer zero point plus an exact correction.
+def pack_nibbles(q: np.ndarray) -> np.ndarray:
+    """uint8 values 0..15 (..., 2m) -> bytes (..., m), the even index in the low nibble."""
+    return (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
 
-    A float zero point z (`q4_blocks`) is split as z = zi + zf with zi = clip(floor(z),
-    0, 15), so w = d (q - zi) - d zf: the first term is MatMulNBits' fast path (uint8 zero
-    points) and the second is constant per (row, block), so x @ W gains
-    (x @ E) @ C with E the (K, K/block) block indicator and C[b, n] = -d zf (K/block, N).
-    Returns (packed (N, K/block, block/2), scales, packed uint8 zero points, C)."""
+
+def q4_offsets(w_nk: np.ndarray, block: int = BLOCK
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """The Q4_1 grid of W (N, K) as one MatMulNBits over A = [x | xs | xs / 16]
+    (K + 2 K/block columns, xs the block sums of x): integer zero points for the weights
+    plus their offsets c = -d zf in two 4-bit parts on the extra columns (see the module
+    docstring).
+
+    Returns (packed uint8 (N, n_blocks, block/2), scales (N * n_blocks,), packed zero
+    points (N * ceil(n_blocks / 2),), K + 2 K/block); n_blocks = ceil(that / block).
+    """
     n, k = w_nk.shape
     packed, scales, zeros = q4_blocks(w_nk, block)
     nb = k // block
     zi = np.clip(np.floor(zeros.astype(np.float64)), 0, 15)
-    corr = (-scales.astype(np.float64) * (zeros - zi)).reshape(n, nb).T  # (nb, N)
-    z = zi.astype(np.uint8).reshape(n, nb)
-    if nb % 2:
+    c = (-scales.astype(np.float64) * (zeros - zi)).reshape(n, nb)  # (N, nb), mostly [-d, 0]
+    # one offset scale per row, zero point 8: hi in [-8 s, 7 s], its remainder r (|r| <= s/2)
+    # as lo on the xs / 16 columns, so c = s (hi - 8) + (s / 16) (lo - 8) to within s / 16
+    s_row = np.maximum(np.maximum(-c.min(axis=1) / 8, c.max(axis=1) / 7),
+                       np.finfo(np.float32).tiny).astype(np.float32).astype(np.float64)
+    hi = np.clip(np.rint(c / s_row[:, None]), -8, 7)
+    lo = np.clip(np.rint(16 * (c - s_row[:, None] * hi) / s_row[:, None]), -8, 7)
+    na = -(-2 * nb // block)  # blocks holding hi and lo
+    q_off = np.full((n, na * block), 8, np.uint8)  # 8 = weight 0 (padding)
+    q_off[:, :nb], q_off[:, nb:2 * nb] = hi + 8, lo + 8
+    packed = np.concatenate([packed, pack_nibbles(q_off.reshape(n, na, block))], axis=1)
+    scales = np.concatenate([scales.reshape(n, nb), np.repeat(s_row[:, None], na, axis=1)],
+                            axis=1).astype(np.float32)
+    z = np.concatenate([zi.reshape(n, nb), np.full((n, na), 8)], axis=1).astype(np.uint8)
+    if z.shape[1] % 2:
         z = np.concatenate([z, np.zeros((n, 1), np.uint8)], axis=1)
-    zp = (z[:, 0::2] | (z[:, 1::2] << 4)).astype(np.uint8).reshape(-1)
-    return packed, scales, zp, corr.astype(np.float32)
-
-
-def block_indicator(k: int, block: int = BLOCK) -> np.ndarray:
-    """E (K, K/block): E[i, b] = 1 where input i is in block b."""
-    e = np.zeros((k, k // block), dtype=np.float32)
-    e[np.arange(k), np.arange(k) // block] = 1.0
-    return e
+    return packed, scales.reshape(-1), pack_nibbles(z).reshape(-1), k + 2 * nb
 
 
 def q8_blocks(w_nk: np.ndarray, block: int = BLOCK) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -83,74 +105,46 @@ def q8_blocks(w_nk: np.ndarray, block: int = BLOCK) -> tuple[np.ndarray, np.ndar
             np.full(d.size, 128, dtype=np.uint8))
 
 
-def quantize_matmuls_q4(model: Any, block: int = BLOCK, *, head_n: int = 0,
-                        accuracy_level: int = 0, head_only: bool = False) -> int:
-    """Rewrite every `MatMul(x, W)` of `model` (an onnx.ModelProto, in place) whose W is a
-    float 2-D initializer with K divisible by `block` as `com.microsoft.MatMulNBits`;
-    returns how many. MatMuls on graph inputs (the LoRA factors) stay float.
+def _with_block_sums(g: Any, x: str, k: int, block: int) -> str:
+    """[x | xs | xs / 16] (..., K + 2 K/block), xs the sums of x over its blocks; once per
+    input."""
+    xa = g.block_sums.get((x, k))
+    if xa is None:
+        shape = g.const(f"q4_blocks_shape_{k}", np.array([0, 0, k // block, block], np.int64))
+        blocks = g.op("Reshape", [x, shape])[0]  # (B, T, K/block, block)
+        xs = g.op("ReduceSum", [blocks, g.const("q4_last_axis", np.array([-1], np.int64))],
+                  keepdims=0)[0]  # (B, T, K/block)
+        sixteenth = g.const("q4_sixteenth", np.array(1 / 16, np.float32))
+        xs16 = g.op("Mul", [xs, sixteenth])[0]  # exact: a power of two
+        xa = g.block_sums[(x, k)] = g.op("Concat", [x, xs, xs16], axis=-1)[0]
+    return str(xa)
 
-    `head_n`: a MatMul with N == head_n (the LM head, the tied embedding) gets 8 bits
-    on Q8_0's grid, as GGUF files keep the embedding (a 4-bit head costs the most
-    loss). `accuracy_level`: MatMulNBits' compute (0: float activations; 4: int8)."""
-    from onnx import helper, numpy_helper
 
-    g = model.graph
-    inits = {t.name: t for t in g.initializer}
-    uses: dict[str, int] = {}
-    for node in g.node:
-        for name in node.input:
-            uses[name] = uses.get(name, 0) + 1
-    new_nodes = []
-    replaced = 0
-    block_sums: dict[str, str] = {}  # input tensor -> its block sums (q, k and v share one)
-    for node in g.node:
-        w_name = node.input[1] if node.op_type == "MatMul" and len(node.input) == 2 else ""
-        t = inits.get(w_name)
-        arr = numpy_helper.to_array(t) if t is not None else None
-        if (arr is None or arr.ndim != 2 or arr.dtype != np.float32
-                or arr.shape[0] % block or (head_only and arr.shape[1] != head_n)):
-            new_nodes.append(node)
-            continue
-        k, n = arr.shape
-        bits = 8 if head_n and n == head_n else 4
-        base = f"{w_name}_q4"
-        name = node.name or w_name
-        out = list(node.output)
-        if bits == 8:
-            packed, scales, zeros = q8_blocks(arr.T, block)
-        else:  # the Q4_1 grid as integer zero points + the exact correction (q4_split)
-            packed, scales, zeros, corr = q4_split(arr.T, block)
-            e_name = f"q4_block_indicator_{k}"
-            if e_name not in inits:
-                inits[e_name] = numpy_helper.from_array(block_indicator(k, block), e_name)
-                g.initializer.append(inits[e_name])
-            g.initializer.append(numpy_helper.from_array(corr, f"{base}_C"))
-            xs = block_sums.get(node.input[0])
-            if xs is None:
-                xs = block_sums[node.input[0]] = f"{base}_xs"
-                new_nodes.append(helper.make_node("MatMul", [node.input[0], e_name], [xs],
-                                                  name=f"{name}_q4_blocksum"))
-            new_nodes += [
-                helper.make_node("MatMul", [xs, f"{base}_C"], [f"{base}_corr"],
-                                 name=f"{name}_q4_corr"),
-                helper.make_node("Add", [f"{base}_main", f"{base}_corr"], out,
-                                 name=f"{name}_q4_add")]
-            out = [f"{base}_main"]
-        g.initializer.extend([numpy_helper.from_array(packed, f"{base}_B"),
-                              numpy_helper.from_array(scales, f"{base}_scales"),
-                              numpy_helper.from_array(zeros, f"{base}_zp")])
-        new_nodes.append(helper.make_node(
-            "MatMulNBits", [node.input[0], f"{base}_B", f"{base}_scales", f"{base}_zp"],
-            out, name=f"{name}_q4", domain="com.microsoft",
-            K=k, N=n, bits=bits, block_size=block, accuracy_level=accuracy_level))
-        uses[w_name] -= 1
-        replaced += 1
-    del g.node[:]
-    g.node.extend(new_nodes)
-    keep = [t for t in g.initializer if uses.get(t.name, 1) > 0 or t.name.endswith(
-        ("_q4_B", "_q4_scales", "_q4_zp", "_q4_C")) or t.name.startswith("q4_block_indicator")]
-    del g.initializer[:]
-    g.initializer.extend(keep)
-    if not any(o.domain == "com.microsoft" for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    return replaced
+def emit_linear(g: Any, x: str, w_nk: np.ndarray, name: str, quant: ExportQuant, *,
+                head: bool = False, out: str | None = None, block: int = BLOCK,
+                accuracy_level: int = 4) -> str:
+    """y = x @ W^T into `g` (an `exporters.onnx_graph.GraphBuilder`); returns y's name.
+
+    W is (N, K) (output rows, input columns); x is (B, T, K). `none`: fp32 `MatMul`.
+    `int8`: MatMulNBits on Q8_0's grid. `int4`: MatMulNBits on the Q4_1 grid over
+    [x | block sums of x] (`q4_offsets`), the block sums made once per input `x` and
+    shared by every linear that reads it; the LM head (`head`) gets Q8_0's grid, as GGUF
+    files keep the tied embedding. `accuracy_level` 4: int8 activations in MatMulNBits.
+    """
+    n, k = w_nk.shape
+    outs = [out] if out else 1
+    if quant is ExportQuant.NONE:
+        w = g.const(f"{name}.weight_t", np.ascontiguousarray(w_nk.T.astype(np.float32)))
+        return str(g.op("MatMul", [x, w], outs)[0])
+    if k % block:
+        raise ValueError(f"{name}: K = {k} is not a multiple of the block {block}")
+    if head or quant is ExportQuant.INT8:
+        bits, k_in, a = 8, k, x
+        packed, scales, zeros = q8_blocks(w_nk, block)
+    else:
+        bits, a = 4, _with_block_sums(g, x, k, block)
+        packed, scales, zeros, k_in = q4_offsets(w_nk, block)
+    ins = [a, g.const(f"{name}.q_B", packed), g.const(f"{name}.q_scales", scales),
+           g.const(f"{name}.q_zp", zeros)]
+    return str(g.op("MatMulNBits", ins, outs, domain="com.microsoft", K=k_in, N=n, bits=bits,
+                    block_size=block, accuracy_level=accuracy_level)[0])

@@ -98,11 +98,20 @@ class ExecuTorchRunner:
 
 
 class OnnxRunner:
-    """An ONNX step graph run by ONNX Runtime; the KV cache is carried between calls."""
+    """An ONNX step graph run by ONNX Runtime with its KV cache in preallocated buffers.
+
+    Each block's past and present KV are bound (IOBinding) to one buffer of
+    `max_seq_len` positions, allocated once: `GroupQueryAttention` writes the new
+    positions in place and reads the first `seqlens_k + 1`, so a step copies no cache and
+    a new sequence needs no clearing. The LoRA factors and the logits buffer are bound
+    once too; a step binds only its token ids and positions.
+    """
 
     def __init__(self, export_dir: str | Path, adapter: Adapter | None = None,
                  manifest: dict[str, Any] | None = None, threads: int = 0) -> None:
         import onnxruntime as ort
+
+        from exporters.onnx_export import KV_LAYOUT
 
         self.dir = Path(export_dir)
         self.manifest = manifest or read_manifest(self.dir)
@@ -110,13 +119,20 @@ class OnnxRunner:
         path = self.dir / str(self.manifest["program"])
         if not path.is_file():
             raise ExportFolderError(f"{path} is missing; re-run edge-rt export")
+        if self.manifest.get("kv_layout") != KV_LAYOUT:
+            raise ExportFolderError(
+                f"{self.dir} holds an ONNX graph of an older layout (KV cache "
+                f"{self.manifest.get('kv_layout')!r}, this runner drives {KV_LAYOUT!r}); "
+                "re-run edge-rt export"
+            )
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         mc = self.manifest["model_config"]
         self.n_layers = int(mc["n_layers"])
-        head_dim = mc.get("head_dim") or mc["dim"] // mc["n_heads"]
-        self._kv_shape = (1, int(mc["n_kv_heads"]), 0, int(head_dim))
+        self.max_seq_len = int(self.manifest["max_seq_len"])
+        head_dim = int(mc.get("head_dim") or mc["dim"] // mc["n_heads"])
+        kv_shape = (1, int(mc["n_kv_heads"]), self.max_seq_len, head_dim)
         slots = _slots(self.manifest)
         if adapter is not None:
             tensors = slot_tensors(adapter, slots, None)
@@ -124,11 +140,28 @@ class OnnxRunner:
             tensors = load_file(str(self.dir / ONNX_ADAPTER))
         else:
             tensors = {}
-        self.lora_feed = {k: v.numpy() for k, v in tensors.items()}
+        self.io = self.session.io_binding()
+        # numpy arrays whose memory the bound OrtValues use: kept alive with the runner
+        self._kv = [np.zeros(kv_shape, np.float32) for _ in range(2 * self.n_layers)]
+        self._logits = np.zeros((1, int(mc["vocab_size"])), np.float32)
+        self._bound: list[Any] = []
+        for i in range(self.n_layers):
+            for j, kind in enumerate(("key", "value")):
+                buf = ort.OrtValue.ortvalue_from_numpy(self._kv[2 * i + j])
+                self.io.bind_ortvalue_input(f"past_{kind}_{i}", buf)
+                self.io.bind_ortvalue_output(f"present_{kind}_{i}", buf)
+                self._bound.append(buf)
+        self._lora = {k: np.ascontiguousarray(v.numpy(), dtype=np.float32)
+                      for k, v in tensors.items()}
+        for name, arr in self._lora.items():
+            self.io.bind_cpu_input(name, arr)
+        logits = ort.OrtValue.ortvalue_from_numpy(self._logits)
+        self.io.bind_ortvalue_output("logits", logits)
+        self._bound.append(logits)
         self.reset()
 
     def reset(self) -> None:
-        self.past = [np.zeros(self._kv_shape, np.float32) for _ in range(2 * self.n_layers)]
+        """Start a new sequence (positions are overwritten; nothing to clear)."""
         self.n_past = 0
 
     def step(self, ids: list[int], start: int) -> torch.Tensor:
@@ -136,20 +169,24 @@ class OnnxRunner:
             if start != 0:
                 raise ValueError(f"ONNX runner holds {self.n_past} positions, asked for {start}")
             self.reset()
-        feed: dict[str, np.ndarray] = {"input_ids": np.array([ids], dtype=np.int64)}
-        for i in range(self.n_layers):
-            feed[f"past_key_{i}"] = self.past[2 * i]
-            feed[f"past_value_{i}"] = self.past[2 * i + 1]
-        feed.update(self.lora_feed)
-        out = self.session.run(None, feed)
-        self.past = list(out[1:])
-        self.n_past += len(ids)
-        return torch.from_numpy(out[0][0])
+        total = start + len(ids)
+        if total > self.max_seq_len:
+            raise ConfigError(
+                f"{total} positions exceed the export's --max-seq-len {self.max_seq_len}; "
+                "shorten the prompt or re-export with a larger --max-seq-len"
+            )
+        self.io.bind_cpu_input("input_ids", np.array([ids], dtype=np.int64))
+        self.io.bind_cpu_input("seqlens_k", np.array([total - 1], dtype=np.int32))
+        self.io.bind_cpu_input("total_sequence_length", np.array(total, dtype=np.int32))
+        self.session.run_with_iobinding(self.io)
+        self.n_past = total
+        return torch.from_numpy(self._logits[0].copy())
 
 
 def open_runner(export_dir: str | Path, adapter: Adapter | None = None,
-                backend: str | None = None) -> Runner:
-    """The runner for an export folder; `backend` (if given) must match its format."""
+                backend: str | None = None, threads: int = 0) -> Runner:
+    """The runner for an export folder; `backend` (if given) must match its format.
+    `threads`: ONNX Runtime's intra-op threads (0: its default, one per core)."""
     manifest = read_manifest(export_dir)
     fmt = manifest["format"]
     if backend is not None and backend != fmt:
@@ -160,7 +197,7 @@ def open_runner(export_dir: str | Path, adapter: Adapter | None = None,
     if fmt == "executorch":
         return ExecuTorchRunner(export_dir, adapter, manifest)
     if fmt == "onnx":
-        return OnnxRunner(export_dir, adapter, manifest)
+        return OnnxRunner(export_dir, adapter, manifest, threads=threads)
     raise ExportFolderError(f"{export_dir}: unknown export format {fmt!r}; re-run edge-rt export")
 
 

@@ -129,7 +129,7 @@ def work_export(args: argparse.Namespace) -> dict[str, Any]:
     adapter: dict[str, Any] | None = None if args.adapter_on else {}
     if not manifest["slots"]:
         adapter = None
-    runner = open_runner(args.export, adapter)
+    runner = open_runner(args.export, adapter, threads=args.threads)
     tok = Tokenizer.from_tokenizer_json(args.export)
     ids = _prompt_ids(tok, args.prompt_tokens)
     runner.reset()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 from pathlib import Path
 
@@ -14,8 +15,10 @@ from edge_runtime.checkpoints import LoadedModel, load_model
 from edge_runtime.config import GenerateConfig
 from edge_runtime.errors import ConfigError
 from edge_runtime.generate import generate
+from edge_runtime.model import CausalLM
 from exporters.config import ExportConfig, ExportFormat, ExportQuant
-from exporters.export import export_model, read_manifest
+from exporters.export import ExportFolderError, export_model, read_manifest
+from exporters.onnx_graph import KV_DIM
 from exporters.runners import OnnxRunner, generate_from_export, token_logits
 from tests.exporters.helpers import TOKENS, eager_logits, eager_with, random_adapter, runner_rows
 
@@ -49,7 +52,13 @@ def test_graph_has_symbolic_rank_and_kv_inputs(onnx_dir: Path) -> None:
               for i in graph.input}
     a_rank = shapes[f"{QV[0]}.lora_a"][0]
     assert isinstance(a_rank, str) and a_rank == shapes[f"{QV[0]}.lora_b"][1]
-    assert shapes["past_key_0"][2] == "past" and shapes["input_ids"][1] == "seq"
+    assert shapes["past_key_0"][2] == KV_DIM and shapes["input_ids"][1] == "seq"
+    ops = [n.op_type for n in graph.node]
+    # fused attention with the KV buffer shared in place: no per-step cache concat
+    assert ops.count("GroupQueryAttention") == 2 and "Concat" not in ops
+    # RMSNorm fused with the residual add: 2 per block and the final one, less the first
+    assert ops.count("SkipSimplifiedLayerNormalization") == 2 * 2
+    assert ops.count("SimplifiedLayerNormalization") == 1
 
 
 def test_fp32_logits_match_eager(onnx_dir: Path, base: LoadedModel, adapter0: dict) -> None:
@@ -103,8 +112,8 @@ def test_quantized_within_tolerance(tmp_path: Path, base: LoadedModel, adapter0:
                                                   max_seq_len=64),
                  tmp_path, adapter=copy.deepcopy(adapter0))
     nodes = onnx.load(str(tmp_path / "model.onnx")).graph.node
-    # every base linear (2 blocks x 7) and the LM head; LoRA MatMuls read inputs, stay fp32
-    assert sum(n.op_type == "MatMulNBits" for n in nodes) == 2 * 7 + 1
+    # per block qkv, o, gate+up and down, and the LM head; LoRA MatMuls read inputs, stay fp32
+    assert sum(n.op_type == "MatMulNBits" for n in nodes) == 2 * 4 + 1
     ref = eager_logits(eager_with(base, adapter0), TOKENS)
     got = token_logits(OnnxRunner(tmp_path), TOKENS)
     err = (got - ref).abs().max().item()
@@ -113,3 +122,48 @@ def test_quantized_within_tolerance(tmp_path: Path, base: LoadedModel, adapter0:
     loss_ref = torch.nn.functional.cross_entropy(ref[:-1], targets).item()
     loss_q = torch.nn.functional.cross_entropy(got[:-1], targets).item()
     assert abs(loss_q - loss_ref) <= rel_loss * loss_ref, (loss_q, loss_ref)
+
+
+def test_chunked_prefill_and_a_new_sequence_match_eager(onnx_dir: Path, base: LoadedModel,
+                                                       adapter0: dict) -> None:
+    """Positions come from seqlens_k: a prompt fed in chunks, then one token per step,
+    equals eager; a shorter sequence after a longer one reads none of its stale KV."""
+    ref = eager_logits(eager_with(base, adapter0), TOKENS)
+    runner = OnnxRunner(onnx_dir)
+    rows = [runner.step(TOKENS[:4], 0), runner.step(TOKENS[4:7], 4)]
+    rows += [runner.step([t], i) for i, t in enumerate(TOKENS[7:], start=7)]
+    got = torch.stack(rows)
+    assert (got - ref[[3, 6, *range(7, len(TOKENS))]]).abs().max().item() <= FP32_ATOL
+    short = TOKENS[::-1][:5]
+    ref_short = eager_logits(eager_with(base, adapter0), short)
+    got_short = runner.step(short, 0)  # start 0 = a new sequence, buffers not cleared
+    assert (got_short - ref_short[-1]).abs().max().item() <= FP32_ATOL
+
+
+def test_runner_refuses_past_max_seq_len_and_old_layouts(onnx_dir: Path, tmp_path: Path
+                                                         ) -> None:
+    runner = OnnxRunner(onnx_dir)
+    runner.step(TOKENS, 0)
+    with pytest.raises(ConfigError, match="--max-seq-len 64"):
+        runner.step(list(range(60)), len(TOKENS))
+    manifest = read_manifest(onnx_dir)
+    del manifest["kv_layout"]  # what the traced graph (KV concatenated per step) wrote
+    with pytest.raises(ExportFolderError, match="re-run edge-rt export"):
+        OnnxRunner(onnx_dir, manifest=manifest)
+
+
+def test_biased_attention_untied_head_and_scaled_rope_match_eager(tmp_path: Path,
+                                                                    base: LoadedModel) -> None:
+    """The graph builder's other branches: q/k/v biases (Qwen2), an untied LM head and
+    Llama-3 RoPE scaling, fp32 against eager."""
+    cfg = dataclasses.replace(base.model.config, attention_bias=True, tie_embeddings=False,
+                              rope_scaling={"rope_type": "llama3", "factor": 8.0,
+                                            "original_max_position_embeddings": 64})
+    torch.manual_seed(3)
+    model = CausalLM(cfg).eval()
+    loaded = LoadedModel(model=copy.deepcopy(model), tokenizer=base.tokenizer,
+                         fingerprint="test", name="tiny-biased", source="test")
+    export_model(loaded, ExportConfig(format=ExportFormat.ONNX, max_seq_len=64), tmp_path)
+    ref = eager_logits(model, TOKENS)
+    got, pos = runner_rows(OnnxRunner(tmp_path), TOKENS, prefill=4)
+    assert (got - ref[pos]).abs().max().item() <= FP32_ATOL

@@ -1,5 +1,6 @@
-"""int4 on the Q4_1 grid: weights built as min + d q come back exactly through ONNX
-Runtime's MatMulNBits; arbitrary weights stay within half a step of their block."""
+"""int4 on the Q4_1 grid: weights built as min + d q come back through ONNX Runtime's
+MatMulNBits exactly up to their block offsets, which ride along as two 4-bit parts within
+1/16 of the row's offset step; arbitrary weights stay within half a step of their block."""
 
 from __future__ import annotations
 
@@ -9,43 +10,77 @@ import pytest
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+from onnx import TensorProto  # noqa: E402
 
-from exporters.onnx_int4 import q4_blocks, quantize_matmuls_q4  # noqa: E402
+from exporters.config import ExportQuant  # noqa: E402
+from exporters.onnx_graph import GraphBuilder  # noqa: E402
+from exporters.onnx_int4 import emit_linear, q4_blocks, q4_offsets  # noqa: E402
 
 
-def _matmul_model(w_kn: np.ndarray) -> onnx.ModelProto:
-    k, n = w_kn.shape
-    g = helper.make_graph(
-        [helper.make_node("MatMul", ["A", "W"], ["Y"])], "g",
-        [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["T", k])],
-        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["T", n])],
-        initializer=[numpy_helper.from_array(w_kn, "W")])
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+def _linear_model(w_nk: np.ndarray, quant: ExportQuant = ExportQuant.INT4) -> onnx.ModelProto:
+    n, k = w_nk.shape
+    g = GraphBuilder()
+    g.input("A", TensorProto.FLOAT, [1, "T", k])
+    # float activations (accuracy level 0): the weights alone decide the result
+    emit_linear(g, "A", w_nk, "w", quant, out="Y", accuracy_level=0)
+    g.output("Y", TensorProto.FLOAT, [1, "T", n])
+    return g.model("g")
 
 
 def _run(model: onnx.ModelProto, a: np.ndarray) -> np.ndarray:
     s = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return s.run(None, {"A": a})[0]
+    return s.run(None, {"A": a[None]})[0][0]
 
 
-def test_q4_1_weights_come_back_exactly() -> None:
-    rng = np.random.default_rng(0)
-    k, n, nb = 96, 24, 3
+def _q4_1_weights(rng: np.random.Generator, n: int, nb: int) -> np.ndarray:
     q = rng.integers(0, 16, size=(n, nb, 32))
     q[..., 0], q[..., 1] = 0, 15  # Q4_1 maps each block's min to 0 and max to 15
     d = rng.uniform(0.005, 0.05, size=(n, nb, 1)).astype(np.float16).astype(np.float64)
     m = rng.uniform(-0.4, 0.1, size=(n, nb, 1)).astype(np.float16).astype(np.float64)
-    w_nk = (m + d * q).reshape(n, k).astype(np.float32)
-    model = _matmul_model(np.ascontiguousarray(w_nk.T))
-    assert quantize_matmuls_q4(model) == 1
+    return (m + d * q).reshape(n, nb * 32).astype(np.float32)
+
+
+def _dequant(packed: np.ndarray, scales: np.ndarray, zp: np.ndarray, k_in: int) -> np.ndarray:
+    """The (N, K_in) matrix MatMulNBits multiplies by, from our packed arrays."""
+    n, n_blocks, _ = packed.shape
+    q = np.stack([packed & 15, packed >> 4], axis=-1).reshape(n, n_blocks, 32)
+    z = np.stack([zp & 15, zp >> 4], axis=-1).reshape(n, -1)[:, :n_blocks]
+    w = (q - z[..., None].astype(np.float64)) * scales.reshape(n, n_blocks, 1)
+    return w.reshape(n, -1)[:, :k_in]
+
+
+@pytest.mark.parametrize("nb", [3, 18, 48])  # the offsets (2 nb) end mid-block or not
+def test_q4_1_weights_exact_and_offsets_within_a_sixteenth_of_a_step(nb: int) -> None:
+    rng = np.random.default_rng(nb)
+    n, k = 24, nb * 32
+    w_nk = _q4_1_weights(rng, n, nb)
+    model = _linear_model(w_nk)
     ops = sorted(x.op_type for x in model.graph.node)
-    assert ops == ["Add", "MatMul", "MatMul", "MatMulNBits"]  # + the exact correction
-    assert all(t.name != "W" for t in model.graph.initializer)  # the float weight is gone
+    assert ops == ["Concat", "MatMulNBits", "Mul", "ReduceSum", "Reshape"]  # [x | xs | xs/16]
+    floats = [t for t in model.graph.initializer if t.data_type == TensorProto.FLOAT]
+    assert all(int(np.prod(t.dims)) < n * k for t in floats)  # no float copy of W
+    packed, scales, zp, k_in = q4_offsets(w_nk)
+    assert k_in == k + 2 * nb
+    w_aug = _dequant(packed, scales, zp, k_in)
     a = rng.normal(size=(5, k)).astype(np.float32)
-    want = a.astype(np.float64) @ w_nk.T.astype(np.float64)
+    xs = a.reshape(5, nb, 32).sum(axis=2)
+    xs = np.concatenate([xs, xs / 16], axis=1)
     got = _run(model, a)
-    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+    # the kernel computes [x | xs] @ W_aug^T with our layout (partial last block included)
+    want_aug = np.concatenate([a, xs], axis=1).astype(np.float64) @ w_aug.T
+    assert np.abs(got - want_aug).max() <= 1e-5 * np.abs(want_aug).max()
+    # the Q4_1 weights are those of w up to the offsets c, each carried as hi + lo / 16
+    # within s / 16, s = the row's offset scale (max(-min c / 8, max c / 7))
+    blocks = w_nk.reshape(n, nb, 32).astype(np.float64)
+    offsets = (blocks - w_aug[:, :k].reshape(n, nb, 32))  # constant per block: -d zf
+    assert np.abs(offsets - offsets[..., :1]).max() < 1e-6
+    c = offsets[..., 0]
+    err = np.abs(w_aug[:, k:k + nb] + w_aug[:, k + nb:] / 16 - c)
+    s = np.maximum(-c.min(axis=1) / 8, c.max(axis=1) / 7)  # (N,)
+    assert (err <= s[:, None] / 16 + 1e-7).all()
+    want = a.astype(np.float64) @ w_nk.T.astype(np.float64)
+    no_offsets = a.astype(np.float64) @ w_aug[:, :k].T
+    assert np.abs(got - want).max() < 0.1 * np.abs(no_offsets - want).max()
 
 
 def _int_zero_point_dequant(w_nk: np.ndarray, scales: np.ndarray) -> np.ndarray:
