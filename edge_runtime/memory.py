@@ -7,7 +7,14 @@ a freed block between two live ones stays resident. glibc raises the threshold o
 tensor freed right after its int8 copy is made) fills the heap with holes: measured on
 SmolLM2-135M int8, 883 MB peak and 783 MB after the load, against 734 MB and 630 MB
 with the threshold fixed at 1 MiB (glibc's mallopt(3): setting it turns the dynamic
-adjustment off). Elsewhere (musl, bionic on Android) both calls are no-ops.
+adjustment off). Elsewhere (musl, bionic on Android) every call here is a no-op.
+
+After loading, `after_loading` moves the threshold to 32 MiB (and the trim threshold to
+64 MiB: where glibc's own adjustment ends up), so a training step's 1-4 MB activations
+reuse heap memory: at 1 MiB each is a fresh mapping the kernel zero-fills, measured 0.86
+CPU s of page faults per SmolLM2 step (271k faults) against 0.07 s, for a peak ~90 MB
+lower (825 against ~915 MB). `EDGE_RT_LOW_MEMORY=1` keeps the 1 MiB threshold for the
+whole process: the lower peak, at that time cost.
 """
 
 from __future__ import annotations
@@ -15,11 +22,14 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import os
 
-__all__ = ["fix_mmap_threshold", "release_free_memory"]
+__all__ = ["fix_mmap_threshold", "release_free_memory", "after_loading", "LOW_MEMORY_ENV"]
 
-M_MMAP_THRESHOLD = -3  # glibc's <malloc.h>
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's <malloc.h>
 MMAP_THRESHOLD_BYTES = 1 << 20
+STEP_MMAP_THRESHOLD_BYTES, STEP_TRIM_THRESHOLD_BYTES = 32 << 20, 64 << 20
+LOW_MEMORY_ENV = "EDGE_RT_LOW_MEMORY"
 
 
 @functools.cache
@@ -34,13 +44,22 @@ def _glibc() -> ctypes.CDLL | None:
         return None
 
 
-@functools.cache
 def fix_mmap_threshold() -> bool:
-    """Serve blocks of 1 MiB and more from their own mappings (once per process).
+    """Serve blocks of 1 MiB and more from their own mappings (while loading).
 
     Returns whether the setting took (False off glibc)."""
     libc = _glibc()
     return bool(libc is not None and libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+
+
+def after_loading() -> None:
+    """Return the heap's free pages, then let training reuse the heap (unless low-memory)."""
+    release_free_memory()
+    libc = _glibc()
+    if libc is None or os.environ.get(LOW_MEMORY_ENV, "") not in ("", "0"):
+        return
+    libc.mallopt(M_MMAP_THRESHOLD, STEP_MMAP_THRESHOLD_BYTES)
+    libc.mallopt(M_TRIM_THRESHOLD, STEP_TRIM_THRESHOLD_BYTES)
 
 
 def release_free_memory() -> bool:

@@ -135,9 +135,9 @@ def ensure_peft() -> None:
                        check=True)
 
 
-def run_child(args: list[str]) -> dict:
+def run_child(args: list[str], env: dict[str, str] | None = None) -> dict:
     out = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True,
-                         text=True, check=False)
+                         text=True, check=False, env={**os.environ, **(env or {})})
     if out.returncode != 0:
         raise SystemExit(f"child {args} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -162,7 +162,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                     help="torch threads per run (CPU seconds are robust to other load at 1)")
     ap.add_argument("--depths", default="0,8,4", help="LoRA depths (0 = every block)")
-    ap.add_argument("--quants", default="none,int8,int4", help="bases of our rows")
+    ap.add_argument("--quants", default="none,int8,int4,int8+lowmem",
+                    help="bases of our rows (+lowmem: with EDGE_RT_LOW_MEMORY=1)")
     ap.add_argument("--rounds", type=int, default=1,
                     help="repeat every configuration, anchor and ours alternating; medians")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -197,8 +198,11 @@ def main() -> None:
                 r = run_child(["--impl", "peft", "--hf-dir", tmp, "--depth", str(d), *common])
                 runs.setdefault(("peft", "none", d), []).append(r)
                 for quant in quants:
-                    r = run_child(["--model", a.model, "--quant", quant, "--depth", str(d),
-                                   *common])
+                    # "int8+lowmem": the same with EDGE_RT_LOW_MEMORY=1 (edge_runtime/memory.py)
+                    base, _, lowmem = quant.partition("+")
+                    r = run_child(["--model", a.model, "--quant", base, "--depth", str(d),
+                                   *common], env={"EDGE_RT_LOW_MEMORY": "1"} if lowmem else None)
+                    r["quant"] = quant
                     runs.setdefault(("ours", quant, d), []).append(r)
     rows = [_median_row(v) for v in runs.values()]
     anchors = {r["depth"]: r for r in rows if r["impl"].startswith("peft")}

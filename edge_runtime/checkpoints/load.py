@@ -18,7 +18,7 @@ from edge_runtime.checkpoints.loaded import LoadedModel
 from edge_runtime.checkpoints.weights import TensorHook
 from edge_runtime.config import QuantMode
 from edge_runtime.errors import CheckpointError
-from edge_runtime.memory import fix_mmap_threshold, release_free_memory
+from edge_runtime.memory import after_loading, fix_mmap_threshold
 from edge_runtime.model import CausalLM, ModelConfig
 from edge_runtime.quant import quantize_linears
 from edge_runtime.tokenizer import Tokenizer
@@ -121,7 +121,7 @@ def load_model(spec: str, quant: QuantMode | str = QuantMode.NONE) -> LoadedMode
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    release_free_memory()
+    after_loading()
     log.debug("loaded %s from %s (fingerprint %s, quant %s)", name, source, fingerprint,
               mode.value)
     return LoadedModel(model=model, tokenizer=tok, fingerprint=fingerprint, name=name,
