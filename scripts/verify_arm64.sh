@@ -93,13 +93,14 @@ while [ $# -gt 0 ]; do
 done
 
 # Per model: quantization, what profile/train/generate/the fleet round run. The real model gets
-# the Pi 4 class's 1500 MB budget and short sequences: an emulated step of the 135M model at
-# the profiler's default 4 x 128 tokens takes many minutes.
+# the Pi 4 class's 1500 MB budget and one sequence of 32 tokens for profile, train and the fleet
+# round alike (so the profile's prediction is for the shape trained): an emulated step of the
+# 135M model at the profiler's default 4 x 128 tokens would take tens of minutes.
 case "$MODEL" in
     smollm2-135m)
         QUANT=int4
-        PROFILE_ARGS=(--memory-budget-mb 1500 --batch-size 1 --seq-len 64)
-        TRAIN_STEPS=3 TRAIN_BATCH=1 TRAIN_SEQ=64 GEN_TOKENS=8 FLEET_STEPS=2
+        PROFILE_ARGS=(--memory-budget-mb 1500 --batch-size 1 --seq-len 32)
+        TRAIN_STEPS=3 TRAIN_BATCH=1 TRAIN_SEQ=32 GEN_TOKENS=8 FLEET_STEPS=2
         T_STEP="${T_STEP:-5400}" T_FLEET="${T_FLEET:-5400}" ;;
     tiny)
         QUANT=none
