@@ -492,7 +492,7 @@ EOF_ENV
 summary() {
     local i failed=0
     echo
-    echo "verify_arm64 summary ($(date -u +%Y-%m-%dT%H:%MZ), host $(uname -m) $(nproc) cores," \
+    echo "verify_arm64 summary ($(date -u +%Y-%m-%dT%H:%MZ), host $(uname -m) $(getconf _NPROCESSORS_ONLN) cores," \
         "qemu-user $(qemu-aarch64-static --version | head -n 1 | awk '{print $3}') -cpu $QEMU_CPU_MODEL)"
     echo "model $MODEL (quant $QUANT), guest torch threads $GUEST_THREADS, torch in the root:" \
         "$(in_root "$HOME_IN/venv/bin/python" -c 'from importlib.metadata import version; print(version("torch"))' 2>/dev/null || echo none)"
