@@ -386,7 +386,7 @@ print(round(max(peaks)))
 EOF
 )" || return 0
     if [ -n "$mb" ] && { [ "${RSS[-1]}" = - ] || [ "$mb" -gt "${RSS[-1]}" ]; }; then
-        say "profile: peak RSS ${mb} MB while loading/measuring (GNU time saw ${RSS[-1]} MB after the profiler's last reset)"
+        say "profile: peak RSS ${mb} MB in the profile's own record (GNU time saw ${RSS[-1]} MB after the profiler's last reset)"
         RSS[-1]="${mb}*"
     fi
 }
@@ -502,7 +502,8 @@ summary() {
         case "${RESULTS[$i]}" in PASS*) ;; *) failed=1 ;; esac
     done
     case " ${RSS[*]} " in *'*'*)
-        echo "  (* the profile's own peak while loading: the profiler resets the kernel's counter)" ;;
+        echo "  (* the largest peak the profile recorded itself (loading, its whole step): the" \
+            "profiler resets the kernel's counter that GNU time reads)" ;;
     esac
     if [ "$failed" -eq 0 ]; then
         echo "verified under qemu-user aarch64 emulation ($QEMU_CPU_MODEL), Debian $SUITE arm64" \
