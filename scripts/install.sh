@@ -216,7 +216,7 @@ install_torch() {
         *) say "torch $have installed; replacing it with $TORCH_VERSION" ;;
     esac
     if [ "$TORCH_INDEX" = pypi ]; then
-        say "pip install torch==$TORCH_VERSION from pip's configured index (on aarch64: the CUDA build)"
+        say "pip install torch==$TORCH_VERSION from pip's configured index (PyPI; its 2.13.0 aarch64 wheel is the CUDA build)"
         "$PY" -m pip install "torch==$TORCH_VERSION"
     else
         say "pip install torch==$TORCH_VERSION --index-url $TORCH_INDEX"
@@ -310,16 +310,20 @@ torch_check() {  # -> the exit code of a matmul + backward + import edge_runtime
     say "checking the install (importing torch can take a while on a small device)"
     local rc=0
     # A 128x128 matmul and its backward: big enough to reach the BLAS kernels, where a wheel
-    # built for a newer Arm core than this one dies with SIGILL (exit 132).
+    # built for a newer Arm core than this one dies with SIGILL (exit 132). On at least two
+    # threads whatever OMP_NUM_THREADS says: PyPI's torch 2.13.0 aarch64 wheel runs this on one
+    # thread on a Cortex-A72 model and dies on two (seen under qemu), and a Pi has four cores.
     "$PY" - <<'EOF' || rc=$?
 import time
 t0 = time.monotonic()
 import torch
+torch.set_num_threads(max(2, torch.get_num_threads()))
 x = torch.randn(128, 128, requires_grad=True)
 (x @ torch.randn(128, 128)).square().sum().backward()
 assert x.grad is not None and torch.isfinite(x.grad).all()
 import edge_runtime
 print(f"  torch {torch.__version__} (cuda build: {torch.version.cuda or 'no'}), "
+      f"{torch.get_num_threads()} threads, "
       f"edge_runtime from {edge_runtime.__file__}, {time.monotonic() - t0:.1f} s")
 EOF
     return "$rc"

