@@ -24,7 +24,8 @@ import ctypes.util
 import functools
 import os
 
-__all__ = ["fix_mmap_threshold", "release_free_memory", "after_loading", "LOW_MEMORY_ENV"]
+__all__ = ["fix_mmap_threshold", "release_free_memory", "after_loading", "hwm_mb",
+           "LOW_MEMORY_ENV"]
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's <malloc.h>
 MMAP_THRESHOLD_BYTES = 1 << 20
@@ -66,3 +67,19 @@ def release_free_memory() -> bool:
     """Return the heap's free pages to the system (glibc's malloc_trim); False off glibc."""
     libc = _glibc()
     return bool(libc is not None and libc.malloc_trim(0))
+
+
+def hwm_mb() -> float | None:
+    """Peak RSS of this process's own address space (Linux VmHWM), None where unreadable.
+
+    Not `ru_maxrss`: Linux carries a parent's peak at fork into the child across exec, so
+    a child of a parent holding an fp32 model reports the parent's peak.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        return None
+    return None

@@ -31,6 +31,7 @@ from edge_runtime.data import (
 from edge_runtime.errors import UserError
 from edge_runtime.lora import lora_modules
 from edge_runtime.losses import count_label_tokens, token_loss_sum
+from edge_runtime.memory import hwm_mb
 from edge_runtime.model import CausalLM
 from edge_runtime.prefix_cache import PrefixCache
 
@@ -65,8 +66,10 @@ class TrainResult:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far (Linux ru_maxrss is in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    """Peak resident set size of this process so far: VmHWM where Linux has it (ru_maxrss,
+    in KiB, would include the parent's peak for a process started by one)."""
+    hwm = hwm_mb()
+    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def trainable_parameters(model: CausalLM) -> list[tuple[str, torch.nn.Parameter]]:

@@ -35,17 +35,11 @@ def rss_mb() -> float:
 
 
 def peak_mb() -> float:
-    """This process's peak RSS: VmHWM, the high-water mark of its own address space.
-    (ru_maxrss is not: Linux carries the parent's peak at fork into the child across exec,
-    so a child of a parent holding an fp32 model reported the parent's 1.1 GB.)"""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    """This process's own peak RSS (VmHWM; see `edge_runtime.memory.hwm_mb`)."""
+    from edge_runtime.memory import hwm_mb
+
+    hwm = hwm_mb()
+    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def batch_tokens(vocab: int, seed: int = 0):

@@ -18,7 +18,6 @@ exactly, tensor by tensor, with autograd's saved-tensor hooks.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import gc
 import logging
 import os
@@ -38,6 +37,7 @@ from edge_runtime.config import LoRAPlan
 from edge_runtime.data import IGNORE
 from edge_runtime.lora import apply_lora, remove_lora
 from edge_runtime.losses import head_loss_sum, token_loss_sum
+from edge_runtime.memory import hwm_mb, release_free_memory
 from edge_runtime.model import CausalLM
 from edge_runtime.profiler.cost_model import MB
 
@@ -67,32 +67,10 @@ def rss_mb() -> float:
     return psutil.Process().memory_info().rss / MB
 
 
-def _libc() -> Any:
-    try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:
-        return None
-
-
-_LIBC = _libc()
-
-
 def release_memory() -> None:
     """Collect garbage and return freed heap pages to the OS (glibc only; else a no-op)."""
     gc.collect()
-    if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):
-        _LIBC.malloc_trim(0)
-
-
-def _read_hwm_mb() -> float | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        return None
-    return None
+    release_free_memory()
 
 
 def _reset_hwm() -> bool:
@@ -134,7 +112,7 @@ class PeakRSS:
         if self.release:
             release_memory()
         self.start_mb = rss_mb()
-        if _reset_hwm() and _read_hwm_mb() is not None:
+        if _reset_hwm() and hwm_mb() is not None:
             self.method = "vmhwm"
         else:
             self.method = "psutil-sampler"
@@ -147,7 +125,7 @@ class PeakRSS:
     def __exit__(self, *exc: object) -> None:
         end = rss_mb()
         if self.method == "vmhwm":
-            hwm = _read_hwm_mb()
+            hwm = hwm_mb()
             self.peak_mb = max(hwm if hwm is not None else end, end)
         else:
             self._stop.set()
@@ -164,7 +142,7 @@ def start_load_window() -> None:
 
 def load_peak_mb() -> float:
     """Peak RSS since `start_load_window` (VmHWM), else this process's lifetime peak."""
-    hwm = _read_hwm_mb()
+    hwm = hwm_mb()
     if hwm is not None:
         return hwm
     import resource
