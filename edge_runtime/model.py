@@ -12,7 +12,6 @@ module names are PEFT's.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -289,23 +288,25 @@ class CausalLM(nn.Module):
                 raise ValueError("prefix states need a frozen prefix (LoRA above block 0) "
                                  "and grad mode")
             h = prefix
+        elif split > 0:
+            h = self._prefix(tokens, cos, sin, input_pos)
         else:
-            ctx = torch.no_grad() if split > 0 else contextlib.nullcontext()
-            with ctx:
-                h = self.model.embed_tokens(tokens)  # (B, T, dim)
-                for layer in layers[:split]:
-                    h = layer(h, cos, sin, input_pos)
+            h = self.model.embed_tokens(tokens)  # (B, T, dim)
         for layer in layers[split:]:
             h = layer(h, cos, sin, input_pos)
         return self.model.norm(h)
 
-    @torch.no_grad()
     def prefix_states(self, tokens: torch.Tensor) -> torch.Tensor:
         """Output (B, T, dim) of the embedding and the `frozen_prefix` blocks (no graph)."""
         cos, sin = self._rope(tokens.shape[1], None)
-        h = self.model.embed_tokens(tokens)
+        return self._prefix(tokens, cos, sin, None)
+
+    @torch.no_grad()
+    def _prefix(self, tokens: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                input_pos: torch.Tensor | None) -> torch.Tensor:
+        h = self.model.embed_tokens(tokens)  # (B, T, dim)
         for layer in self.blocks()[:self.frozen_prefix]:
-            h = layer(h, cos, sin, None)
+            h = layer(h, cos, sin, input_pos)
         return h
 
     def _rope(self, seqlen: int, input_pos: torch.Tensor | None
