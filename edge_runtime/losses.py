@@ -22,9 +22,17 @@ from torch import nn
 from edge_runtime.data import IGNORE
 from edge_runtime.model import CausalLM
 
-__all__ = ["IGNORE", "token_loss_sum", "count_label_tokens", "head_loss_sum"]
+__all__ = ["IGNORE", "token_loss_sum", "count_label_tokens", "head_loss_sum",
+           "head_chunk_rows"]
 
-HEAD_CHUNK_BYTES = 16 << 20  # fp32 logits of one row chunk
+HEAD_CHUNK_BYTES = 16 << 20  # fp32 logits of one row chunk, at least HEAD_MIN_ROWS rows
+HEAD_MIN_ROWS = 128  # MKL's sgemm of (rows, 576) x (576, 49152): ~40 GFLOP/s at 85 rows,
+# ~50 at 128 (1 thread, AMD EPYC, scripts/bench_train.py); 25 MB of logits at V = 49,152
+
+
+def head_chunk_rows(vocab: int) -> int:
+    """Rows of one logits chunk: the byte budget, but never fewer than HEAD_MIN_ROWS."""
+    return max(HEAD_MIN_ROWS, HEAD_CHUNK_BYTES // (4 * vocab), 1)
 
 
 def count_label_tokens(labels: torch.Tensor) -> int:
@@ -73,7 +81,12 @@ def head_loss_sum(head: nn.Module, h: torch.Tensor, target: torch.Tensor) -> tor
 
 
 class _FrozenHeadCE(torch.autograd.Function):
-    """sum_i CE(h_i @ W^T, t_i) for a frozen W; the gradient of h made in the forward."""
+    """sum_i CE(h_i @ W^T, t_i) for a frozen W; the gradient of h made in the forward.
+
+    One (rows, V) buffer serves every chunk: logits, then exp(logits - max) in place,
+    then softmax - onehot in place, so a chunk costs one exp pass and no temporaries of
+    its size (`torch.logsumexp` would allocate one and exponentiate a second time).
+    """
 
     @staticmethod
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor,  # type: ignore[override]
@@ -82,18 +95,23 @@ class _FrozenHeadCE(torch.autograd.Function):
         want_grad = ctx.needs_input_grad[0]
         grad = torch.empty(h.shape, dtype=torch.float32) if want_grad else None
         total = torch.zeros((), dtype=torch.float64)
-        rows = max(1, HEAD_CHUNK_BYTES // (4 * vocab))
+        rows = max(1, min(n, head_chunk_rows(vocab)))
         w = weight.float()
+        buf = torch.empty(rows, vocab, dtype=torch.float32)
         for i in range(0, n, rows):
-            logits = h[i:i + rows].float() @ w.t()  # (c, V)
-            t = target[i:i + rows]
-            lse = torch.logsumexp(logits, dim=1)  # (c,)
+            c = min(rows, n - i)
+            logits = torch.mm(h[i:i + c].float(), w.t(), out=buf[:c])  # (c, V)
+            t = target[i:i + c]
             picked = logits.gather(1, t[:, None])[:, 0]
+            top = logits.amax(dim=1)  # (c,)
+            e = logits.sub_(top[:, None]).exp_()  # exp(logits - max), in place
+            z = e.sum(dim=1)  # (c,)
+            lse = top + z.log()
             total += (lse - picked).sum(dtype=torch.float64)
             if grad is not None:
-                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place
-                probs[torch.arange(len(t)), t] -= 1.0
-                grad[i:i + rows] = probs @ w  # (c, D)
+                probs = e.mul_(z.reciprocal()[:, None])  # softmax, in place
+                probs[torch.arange(c), t] -= 1.0
+                torch.mm(probs, w, out=grad[i:i + c])  # (c, D)
         ctx.save_for_backward(grad if grad is not None else torch.empty(0))
         ctx.h_dtype = h.dtype
         return total.to(torch.float32)

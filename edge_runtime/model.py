@@ -183,6 +183,12 @@ class Attention(nn.Module):
             y = y.reshape(bsz, self.n_heads, seqlen, self.head_dim)
             return self.o_proj(y.transpose(1, 2).reshape(bsz, seqlen,
                                                          self.n_heads * self.head_dim))
+        if rep > 1 and mask is None:
+            # no cache: the flash kernel reads the KV heads as they are, so neither the
+            # forward nor the saved-for-backward tensors hold rep copies of k and v
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            return self.o_proj(y.transpose(1, 2).reshape(bsz, seqlen,
+                                                         self.n_heads * self.head_dim))
         if rep > 1:
             b, kvh, s, hd = k.shape
             k = k[:, :, None].expand(b, kvh, rep, s, hd).reshape(b, kvh * rep, s, hd)
@@ -202,7 +208,33 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        g, u = self.gate_proj(x), self.up_proj(x)
+        if torch.is_grad_enabled() and (g.requires_grad or u.requires_grad):
+            act = _SwiGLU.apply(g, u)
+            assert isinstance(act, torch.Tensor)
+        else:
+            act = F.silu(g) * u
+        return self.down_proj(act)
+
+
+class _SwiGLU(torch.autograd.Function):
+    """silu(g) * u keeping only g and u for the backward (autograd would also keep
+    silu(g): a third (B, T, hidden) tensor per block); sigmoid(g) is recomputed."""
+
+    @staticmethod
+    def forward(ctx, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(g, u)
+        return F.silu(g).mul_(u)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        g, u = ctx.saved_tensors
+        sig = torch.sigmoid(g)
+        silu = g * sig
+        # d silu(g) / dg = sig * (1 + g * (1 - sig))
+        dg = grad * u * sig * (1 + g * (1 - sig)) if ctx.needs_input_grad[0] else None
+        du = grad * silu if ctx.needs_input_grad[1] else None
+        return dg, du
 
 
 class Block(nn.Module):

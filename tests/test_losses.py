@@ -69,6 +69,8 @@ def test_fused_head_loss_and_gradient_equal_autograd_in_float64(monkeypatch):
     h = torch.randn(53, 24, generator=g, requires_grad=True)
     target = torch.randint(0, 700, (53,), generator=g)
     monkeypatch.setattr(losses, "HEAD_CHUNK_BYTES", 4 * 700 * 10)  # chunks of 10 rows
+    monkeypatch.setattr(losses, "HEAD_MIN_ROWS", 1)
+    assert losses.head_chunk_rows(700) == 10
     out = head_loss_sum(head, h, target)
     (2.5 * out).backward()
     h64 = h.detach().double().requires_grad_(True)
