@@ -10,20 +10,27 @@ Rows are stored exactly (fp32, the example's own length, no padding) under the e
 token ids and the prefix depth, within a byte budget; past it, new rows are computed and
 not kept. Causal attention makes a row's states at positions < its length independent of
 the right padding and of the other rows of its batch, so a cached row equals a fresh one
-up to float summation order. A cache is valid for one frozen base: build one per
-training call (what `train_tokenized` does), since FLoRA's frozen global delta changes
-the prefix between rounds.
+up to float summation order.
+
+A cache is valid for one frozen prefix. `bind(model)` (what `train_tokenized` calls
+first) compares the model's prefix signature (its depth and a digest of every frozen
+delta inside it: FLoRA's stacked global, new each round) with the one the rows were
+computed under and drops them all when it changed. So a device that keeps its cache
+across rounds (the MQTT agent does) trains every round after the first on cached states
+when its depth and base stay put, and recomputes exactly when they do not.
 """
 
 from __future__ import annotations
 
+import hashlib
+import re
 from dataclasses import dataclass, field
 
 import torch
 
 from edge_runtime.model import CausalLM
 
-__all__ = ["PrefixCache"]
+__all__ = ["PrefixCache", "prefix_signature"]
 
 
 @dataclass
@@ -32,11 +39,30 @@ class PrefixCache:
     hits: int = 0
     misses: int = 0
     stored_bytes: int = 0
+    signature: str | None = None  # of the prefix the rows were computed under
     _rows: dict[tuple[int, tuple[int, ...]], torch.Tensor] = field(default_factory=dict)
 
     @classmethod
     def of_mb(cls, mb: float) -> PrefixCache:
         return cls(budget_bytes=int(mb * 2**20))
+
+    def bind(self, model: CausalLM, budget_mb: float | None = None) -> bool:
+        """Make the cache valid for `model`'s current frozen prefix (and budget).
+
+        Returns whether the stored rows were kept; they are dropped when the prefix's
+        signature changed or they no longer fit a new, smaller budget."""
+        sig = prefix_signature(model)
+        if budget_mb is not None:
+            self.budget_bytes = int(budget_mb * 2**20)
+        keep = sig == self.signature and self.stored_bytes <= self.budget_bytes
+        if not keep:
+            self.clear()
+        self.signature = sig
+        return keep
+
+    def clear(self) -> None:
+        self._rows.clear()
+        self.stored_bytes = 0
 
     def states(self, model: CausalLM, rows: list[list[int]], input_ids: torch.Tensor
                ) -> torch.Tensor:
@@ -68,3 +94,21 @@ class PrefixCache:
                 cached = self._rows[k]
                 out[i, :cached.shape[0]] = cached
         return out
+
+
+_BLOCK = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def prefix_signature(model: CausalLM) -> str:
+    """A digest of what the frozen prefix computes beyond the base weights: its depth and
+    every buffer of a non-trainable module added under it (FLoRA's `FrozenDelta`)."""
+    split = model.frozen_prefix
+    h = hashlib.sha256(f"{split}".encode())
+    for name, buf in model.named_buffers():
+        m = _BLOCK.search(name)
+        if m is None or int(m.group(1)) >= split or not name.rpartition(".")[2].startswith(
+                "delta_"):
+            continue
+        h.update(name.encode())
+        h.update(buf.detach().contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()

@@ -120,14 +120,14 @@ def _load_checkpoint(ckpt_dir: Path, model: CausalLM, opt: torch.optim.Optimizer
 def train(model: CausalLM, tokenizer: TokenizerLike, examples: list[Example], cfg: TrainConfig,
           *, regularizer: Regularizer | None = None, deadline: float | None = None,
           checkpoint_dir: Path | None = None, resume: bool = False,
-          checkpoint_every: int = 0) -> TrainResult:
+          checkpoint_every: int = 0, prefix_cache: PrefixCache | None = None) -> TrainResult:
     """Tokenize `examples` and run `train_tokenized`."""
     data = tokenize(tokenizer, examples, cfg.seq_len)
     if cfg.packing:
         data = pack(data, cfg.seq_len)
     result = train_tokenized(model, data, tokenizer.pad_id, cfg, regularizer=regularizer,
                              deadline=deadline, checkpoint_dir=checkpoint_dir, resume=resume,
-                             checkpoint_every=checkpoint_every)
+                             checkpoint_every=checkpoint_every, prefix_cache=prefix_cache)
     result.num_samples = len(examples)
     return result
 
@@ -135,8 +135,12 @@ def train(model: CausalLM, tokenizer: TokenizerLike, examples: list[Example], cf
 def train_tokenized(model: CausalLM, data: list[TokenizedExample], pad_id: int,
                     cfg: TrainConfig, *, regularizer: Regularizer | None = None,
                     deadline: float | None = None, checkpoint_dir: Path | None = None,
-                    resume: bool = False, checkpoint_every: int = 0) -> TrainResult:
+                    resume: bool = False, checkpoint_every: int = 0,
+                    prefix_cache: PrefixCache | None = None) -> TrainResult:
     """Train the model's trainable (LoRA) parameters for `cfg.steps` optimizer steps.
+
+    `prefix_cache`: a cache the caller keeps across calls (rebound to the model's current
+    frozen prefix and `cfg.prefix_cache_mb` here); None builds one for this call.
 
     Stops early, between steps, when the next step would end past `deadline`
     (a `time.monotonic()` value) or past `cfg.time_budget_s` from the start.
@@ -151,8 +155,12 @@ def train_tokenized(model: CausalLM, data: list[TokenizedExample], pad_id: int,
         start_step = _load_checkpoint(checkpoint_dir, model, opt)
         log.info("resumed from %s at step %d", checkpoint_dir, start_step)
     batches = batch_iterator(data, cfg.batch_size, cfg.seed)
-    cache = (PrefixCache.of_mb(cfg.prefix_cache_mb)
-             if cfg.prefix_cache_mb > 0 and model.frozen_prefix > 0 else None)
+    cache: PrefixCache | None = None
+    if cfg.prefix_cache_mb > 0 and model.frozen_prefix > 0:
+        cache = prefix_cache if prefix_cache is not None else PrefixCache.of_mb(
+            cfg.prefix_cache_mb)
+        cache.bind(model, cfg.prefix_cache_mb)
+    hits0, misses0 = (cache.hits, cache.misses) if cache is not None else (0, 0)
     # Skip what a resumed run already consumed, so the data order is the same.
     for _ in range(start_step * cfg.grad_accum):
         next(batches)
@@ -206,5 +214,5 @@ def train_tokenized(model: CausalLM, data: list[TokenizedExample], pad_id: int,
     result.elapsed_s = time.monotonic() - t0
     result.peak_rss_mb = peak_rss_mb()
     if cache is not None:
-        result.prefix_hits, result.prefix_misses = cache.hits, cache.misses
+        result.prefix_hits, result.prefix_misses = cache.hits - hits0, cache.misses - misses0
     return result

@@ -39,6 +39,7 @@ from edge_runtime.fleet.protocol import (
 )
 from edge_runtime.fleet.transfer import Reassembler, TransferError, iter_chunks, make_manifest
 from edge_runtime.lora import remove_lora, set_adapter
+from edge_runtime.prefix_cache import PrefixCache
 from edge_runtime.rounds.device import LocalResult, RoundTask, run_local_round
 
 __all__ = ["DeviceAgent", "RoundGate", "resend_after"]
@@ -84,6 +85,10 @@ class DeviceAgent:
         dev = cfg.device_id
         self.examples = examples if examples is not None else load_jsonl(cfg.data)
         self.loaded = loaded or load_model(cfg.model, cfg.quant)
+        # A device that owns its model keeps the frozen-prefix states of its examples from
+        # round to round (budget: the announced recipe's `prefix_cache_mb`); agents
+        # sharing one model in a simulation cache within a round only.
+        self.prefix_cache = PrefixCache(budget_bytes=0) if loaded is None else None
         self.gate = gate
         self.train_lock = train_lock or contextlib.nullcontext()
         self.last_task: RoundTask | None = None
@@ -304,7 +309,7 @@ class DeviceAgent:
                 self.loaded.model, self.loaded.tokenizer, self.examples, start, task,
                 device_id=dev, fingerprint=self.loaded.fingerprint,
                 compression=self.cfg.compression.value,
-                deadline=time.monotonic() + left - margin)
+                deadline=time.monotonic() + left - margin, prefix_cache=self.prefix_cache)
         if self.gate is not None and not self.gate.will_send(dev, ann.round, len(res.payload)):
             return
         payload, kind = res.payload, "update"

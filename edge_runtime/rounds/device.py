@@ -22,6 +22,7 @@ from edge_runtime.fl.types import ClientPlan
 from edge_runtime.fleet.codec import encode_adapter
 from edge_runtime.lora import add_frozen_delta, get_adapter, remove_lora, set_adapter
 from edge_runtime.model import CausalLM
+from edge_runtime.prefix_cache import PrefixCache
 from edge_runtime.rounds.seeding import device_seed
 from edge_runtime.trainer import train
 
@@ -60,12 +61,16 @@ class LocalResult:
 
 def run_local_round(model: CausalLM, tokenizer: TokenizerLike, examples: list[Example],
                     start: Adapter, task: RoundTask, *, device_id: str, fingerprint: str,
-                    compression: str = "fp32", deadline: float | None = None) -> LocalResult:
+                    compression: str = "fp32", deadline: float | None = None,
+                    prefix_cache: PrefixCache | None = None) -> LocalResult:
     """Train one round from `start` and return the encoded update (see module docstring).
 
     Args:
         deadline: `time.monotonic()` value at which training stops early (a fleet's round
             deadline less an upload margin); None trains all the recipe's steps.
+        prefix_cache: the device's frozen-prefix cache, kept across rounds by the caller
+            (valid while the prefix's depth and frozen deltas stay the same; see
+            `PrefixCache.bind`); None caches within this round's training only.
     """
     strategy = make_strategy(task.strategy)
     seed = device_seed(task.recipe.seed, task.round_index, device_id)
@@ -76,7 +81,8 @@ def run_local_round(model: CausalLM, tokenizer: TokenizerLike, examples: list[Ex
     set_adapter(model, start, create=True)
     recipe = replace(task.recipe, seed=seed)
     reg = strategy.regularizer(start, task.plan, task.round_index)
-    res = train(model, tokenizer, examples, recipe, regularizer=reg, deadline=deadline)
+    res = train(model, tokenizer, examples, recipe, regularizer=reg, deadline=deadline,
+                prefix_cache=prefix_cache)
     update = strategy.finish_local(start, get_adapter(model), task.plan)
     loss = res.losses[-1] if res.losses else None
     meta = {"fingerprint": fingerprint, "n_samples": len(examples), "round": task.round_index,
