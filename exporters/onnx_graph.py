@@ -21,7 +21,7 @@ after the fused linear is split. The LM head runs on the last position only.
 
 Linears (`exporters.onnx_int4`): fp32 `MatMul`; `int8` `MatMulNBits` on Q8_0's grid;
 `int4` `MatMulNBits` on the Q4_1 grid with its exact per-block correction, the
-activations' block sums computed once per input and shared by the fused linear.
+activations' block means computed once per input and shared by the fused linear.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ class GraphBuilder:
         self.inits: list[Any] = []
         self.inputs: list[Any] = []
         self.outputs: list[Any] = []
-        self.block_sums: dict[tuple[str, int], str] = {}  # (tensor, K) -> its block sums
+        self.block_means: dict[tuple[str, int], str] = {}  # (tensor, K) -> [x | means]
         self._consts: set[str] = set()
         self._n = 0
 

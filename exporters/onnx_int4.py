@@ -11,15 +11,21 @@ MatMulNBits accepts a float z, but its CPU kernel is then ~30x slower (1.9 ms ag
 62 us for a 576 x 1536 product, measured). So z is split (`q4_offsets`): z = zi + zf,
 the integer part zi for the fast kernel, and the rest, -d zf, is constant per (output
 row n, block b): x @ W gains sum_b xs_b c[n, b], xs_b being the sum of x over block b.
-The block sums ride along as extra inputs of the same MatMulNBits: A = [x | xs | xs/16]
-(K + 2 K/32 columns); the extra columns of W hold c = s (hi - 8) + (s/16) (lo - 8), two
-4-bit parts on one scale s per row (zero point 8), so c is within s/16 (about 1/128 of
-the row's offset range, mostly [-d, 0]; zf leaves [0, 1) only where a block's minimum is
-> 0 or its maximum < 0, zi being clipped to 0..15). The Q4_1 weights themselves stay
-exact. Against the offsets exact in fp32 as (x @ E) @ C + Add (two more ops and 13 MB
-more per token on SmolLM2-135M): decode +15% (one thread, CPU time, median of 6), held-out
-loss 3.837 against 3.832, greedy tokens still those of eager (one 4-bit part alone, within
-1/30 of the range: +19% but one greedy token in 32 flipped).
+The block means m_b = xs_b / 32 ride along as extra inputs of the same MatMulNBits:
+A = [x | m | m | ... | m] (`offset_copies` copies, 3 for K = 576 and 1536); W's columns
+on the first copy hold hi and those on the last copy lo, c = s (hi - 8) + (s/16) (lo - 8),
+two 4-bit parts on one scale s per row (zero point 8; the block scales 32 s and 2 s, the
+copies in between weighted 0), so c is within s/16 (about 1/128 of the row's offset
+range, mostly [-d, 0]; zf leaves [0, 1) only where a block's minimum is > 0 or its
+maximum < 0, zi being clipped to 0..15). The Q4_1 weights themselves stay exact. The
+copies put hi and lo in different blocks, so each part gets its own scale and the graph
+needs only AveragePool + Concat per input (it was Reshape, ReduceSum, Mul by 1/16 and
+Concat over [x | xs | xs/16]: 240 more nodes per step on SmolLM2-135M, ~9% of decode CPU
+time at one thread, node dispatch rather than arithmetic). Against the offsets exact in
+fp32 as (x @ E) @ C + Add (two more ops and 13 MB more per token on SmolLM2-135M): decode
++15% (one thread, CPU time, median of 6), held-out loss 3.833 against 3.832, greedy tokens
+still those of eager (one 4-bit part alone, within 1/30 of the range: +19% but one greedy
+token in 32 flipped).
 The tied LM head (Q8_0 in GGUF files) gets 8 bits on
 Q8_0's grid (`q8_blocks`).
 """
@@ -32,7 +38,8 @@ import numpy as np
 
 from exporters.config import ExportQuant
 
-__all__ = ["q4_blocks", "q4_offsets", "q8_blocks", "emit_linear", "pack_nibbles"]
+__all__ = ["q4_blocks", "q4_offsets", "offset_copies", "q8_blocks", "emit_linear",
+           "pack_nibbles"]
 
 BLOCK = 32
 
@@ -57,15 +64,26 @@ def pack_nibbles(q: np.ndarray) -> np.ndarray:
     return (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
 
 
+def offset_copies(nb: int, block: int = BLOCK) -> int:
+    """How many copies of the block means follow x in A so that the first copy (the hi
+    parts) and the last (the lo parts) share no block of MatMulNBits: the lo parts then
+    get their own per-block scale, s / 16, and no Mul by 1/16 is needed in the graph."""
+    j = 1
+    while (j * nb) // block <= (nb - 1) // block:
+        j += 1
+    return j + 1
+
+
 def q4_offsets(w_nk: np.ndarray, block: int = BLOCK
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """The Q4_1 grid of W (N, K) as one MatMulNBits over A = [x | xs | xs / 16]
-    (K + 2 K/block columns, xs the block sums of x): integer zero points for the weights
-    plus their offsets c = -d zf in two 4-bit parts on the extra columns (see the module
-    docstring).
+    """The Q4_1 grid of W (N, K) as one MatMulNBits over A = [x | m | m ... | m]
+    (`offset_copies` copies of m, the block means of x, xs / block): integer zero points
+    for the weights plus their offsets c = -d zf in two 4-bit parts, hi on the first copy
+    and lo on the last, the other copies weighted 0 (see the module docstring).
 
     Returns (packed uint8 (N, n_blocks, block/2), scales (N * n_blocks,), packed zero
-    points (N * ceil(n_blocks / 2),), K + 2 K/block); n_blocks = ceil(that / block).
+    points (N * ceil(n_blocks / 2),), K_in = K + copies K/block); n_blocks = ceil(K_in /
+    block).
     """
     n, k = w_nk.shape
     packed, scales, zeros = q4_blocks(w_nk, block)
@@ -73,21 +91,25 @@ def q4_offsets(w_nk: np.ndarray, block: int = BLOCK
     zi = np.clip(np.floor(zeros.astype(np.float64)), 0, 15)
     c = (-scales.astype(np.float64) * (zeros - zi)).reshape(n, nb)  # (N, nb), mostly [-d, 0]
     # one offset scale per row, zero point 8: hi in [-8 s, 7 s], its remainder r (|r| <= s/2)
-    # as lo on the xs / 16 columns, so c = s (hi - 8) + (s / 16) (lo - 8) to within s / 16
+    # as lo on scale s / 16, so c = s (hi - 8) + (s / 16) (lo - 8) to within s / 16
     s_row = np.maximum(np.maximum(-c.min(axis=1) / 8, c.max(axis=1) / 7),
                        np.finfo(np.float32).tiny).astype(np.float32).astype(np.float64)
     hi = np.clip(np.rint(c / s_row[:, None]), -8, 7)
     lo = np.clip(np.rint(16 * (c - s_row[:, None] * hi) / s_row[:, None]), -8, 7)
-    na = -(-2 * nb // block)  # blocks holding hi and lo
-    q_off = np.full((n, na * block), 8, np.uint8)  # 8 = weight 0 (padding)
-    q_off[:, :nb], q_off[:, nb:2 * nb] = hi + 8, lo + 8
+    copies = offset_copies(nb, block)
+    lo_at = (copies - 1) * nb  # the last copy's first column (its block holds no hi part)
+    na = -(-copies * nb // block)  # blocks after x
+    q_off = np.full((n, na * block), 8, np.uint8)  # 8 = weight 0 (other copies, padding)
+    q_off[:, :nb], q_off[:, lo_at:lo_at + nb] = hi + 8, lo + 8
+    # A holds m = xs / block: scale s block for hi, s block / 16 for lo (powers of two: exact)
+    s_off = np.repeat(s_row[:, None] * block, na, axis=1)
+    s_off[:, lo_at // block:] /= 16
     packed = np.concatenate([packed, pack_nibbles(q_off.reshape(n, na, block))], axis=1)
-    scales = np.concatenate([scales.reshape(n, nb), np.repeat(s_row[:, None], na, axis=1)],
-                            axis=1).astype(np.float32)
+    scales = np.concatenate([scales.reshape(n, nb), s_off], axis=1).astype(np.float32)
     z = np.concatenate([zi.reshape(n, nb), np.full((n, na), 8)], axis=1).astype(np.uint8)
     if z.shape[1] % 2:
         z = np.concatenate([z, np.zeros((n, 1), np.uint8)], axis=1)
-    return packed, scales.reshape(-1), pack_nibbles(z).reshape(-1), k + 2 * nb
+    return packed, scales.reshape(-1), pack_nibbles(z).reshape(-1), k + copies * nb
 
 
 def q8_blocks(w_nk: np.ndarray, block: int = BLOCK) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -105,18 +127,15 @@ def q8_blocks(w_nk: np.ndarray, block: int = BLOCK) -> tuple[np.ndarray, np.ndar
             np.full(d.size, 128, dtype=np.uint8))
 
 
-def _with_block_sums(g: Any, x: str, k: int, block: int) -> str:
-    """[x | xs | xs / 16] (..., K + 2 K/block), xs the sums of x over its blocks; once per
-    input."""
-    xa = g.block_sums.get((x, k))
+def _with_block_means(g: Any, x: str, k: int, block: int) -> str:
+    """[x | m | ... | m] (..., K + copies K/block), m = AveragePool(x) the means of x over
+    its blocks (x: (B, T, K), pooled along K as a 1-D signal of T channels); once per
+    input. Two nodes: node dispatch, not arithmetic, is what these cost at decode."""
+    xa = g.block_means.get((x, k))
     if xa is None:
-        shape = g.const(f"q4_blocks_shape_{k}", np.array([0, 0, k // block, block], np.int64))
-        blocks = g.op("Reshape", [x, shape])[0]  # (B, T, K/block, block)
-        xs = g.op("ReduceSum", [blocks, g.const("q4_last_axis", np.array([-1], np.int64))],
-                  keepdims=0)[0]  # (B, T, K/block)
-        sixteenth = g.const("q4_sixteenth", np.array(1 / 16, np.float32))
-        xs16 = g.op("Mul", [xs, sixteenth])[0]  # exact: a power of two
-        xa = g.block_sums[(x, k)] = g.op("Concat", [x, xs, xs16], axis=-1)[0]
+        m = g.op("AveragePool", [x], kernel_shape=[block], strides=[block])[0]  # (B, T, K/b)
+        copies = offset_copies(k // block, block)
+        xa = g.block_means[(x, k)] = g.op("Concat", [x] + [m] * copies, axis=-1)[0]
     return str(xa)
 
 
@@ -127,7 +146,7 @@ def emit_linear(g: Any, x: str, w_nk: np.ndarray, name: str, quant: ExportQuant,
 
     W is (N, K) (output rows, input columns); x is (B, T, K). `none`: fp32 `MatMul`.
     `int8`: MatMulNBits on Q8_0's grid. `int4`: MatMulNBits on the Q4_1 grid over
-    [x | block sums of x] (`q4_offsets`), the block sums made once per input `x` and
+    [x | block means of x ...] (`q4_offsets`), the means made once per input `x` and
     shared by every linear that reads it; the LM head (`head`) gets Q8_0's grid, as GGUF
     files keep the tied embedding. `accuracy_level` 4: int8 activations in MatMulNBits.
     """
@@ -142,7 +161,7 @@ def emit_linear(g: Any, x: str, w_nk: np.ndarray, name: str, quant: ExportQuant,
         bits, k_in, a = 8, k, x
         packed, scales, zeros = q8_blocks(w_nk, block)
     else:
-        bits, a = 4, _with_block_sums(g, x, k, block)
+        bits, a = 4, _with_block_means(g, x, k, block)
         packed, scales, zeros, k_in = q4_offsets(w_nk, block)
     ins = [a, g.const(f"{name}.q_B", packed), g.const(f"{name}.q_scales", scales),
            g.const(f"{name}.q_zp", zeros)]

@@ -1,6 +1,6 @@
 """int4 on the Q4_1 grid: weights built as min + d q come back through ONNX Runtime's
-MatMulNBits exactly up to their block offsets, which ride along as two 4-bit parts within
-1/16 of the row's offset step; arbitrary weights stay within half a step of their block."""
+MatMulNBits exactly up to their block offsets, which ride along (on the block means) as two
+4-bit parts within 1/16 of the row's offset step; arbitrary weights stay within half a step of their block."""
 
 from __future__ import annotations
 
@@ -14,7 +14,12 @@ from onnx import TensorProto  # noqa: E402
 
 from exporters.config import ExportQuant  # noqa: E402
 from exporters.onnx_graph import GraphBuilder  # noqa: E402
-from exporters.onnx_int4 import emit_linear, q4_blocks, q4_offsets  # noqa: E402
+from exporters.onnx_int4 import (  # noqa: E402
+    emit_linear,
+    offset_copies,
+    q4_blocks,
+    q4_offsets,
+)
 
 
 def _linear_model(w_nk: np.ndarray, quant: ExportQuant = ExportQuant.INT4) -> onnx.ModelProto:
@@ -49,33 +54,38 @@ def _dequant(packed: np.ndarray, scales: np.ndarray, zp: np.ndarray, k_in: int) 
     return w.reshape(n, -1)[:, :k_in]
 
 
-@pytest.mark.parametrize("nb", [3, 18, 48])  # the offsets (2 nb) end mid-block or not
+@pytest.mark.parametrize("nb", [3, 18, 48])  # the offsets end mid-block or not
 def test_q4_1_weights_exact_and_offsets_within_a_sixteenth_of_a_step(nb: int) -> None:
     rng = np.random.default_rng(nb)
     n, k = 24, nb * 32
     w_nk = _q4_1_weights(rng, n, nb)
     model = _linear_model(w_nk)
     ops = sorted(x.op_type for x in model.graph.node)
-    assert ops == ["Concat", "MatMulNBits", "Mul", "ReduceSum", "Reshape"]  # [x | xs | xs/16]
+    assert ops == ["AveragePool", "Concat", "MatMulNBits"]  # [x | m | ... | m]
     floats = [t for t in model.graph.initializer if t.data_type == TensorProto.FLOAT]
     assert all(int(np.prod(t.dims)) < n * k for t in floats)  # no float copy of W
     packed, scales, zp, k_in = q4_offsets(w_nk)
-    assert k_in == k + 2 * nb
+    copies = offset_copies(nb)
+    assert k_in == k + copies * nb
+    lo_at = k + (copies - 1) * nb
+    assert (k + nb - 1) // 32 < lo_at // 32  # hi and lo parts in different blocks
     w_aug = _dequant(packed, scales, zp, k_in)
     a = rng.normal(size=(5, k)).astype(np.float32)
-    xs = a.reshape(5, nb, 32).sum(axis=2)
-    xs = np.concatenate([xs, xs / 16], axis=1)
+    means = a.reshape(5, nb, 32).astype(np.float64).mean(axis=2)  # (5, nb)
     got = _run(model, a)
-    # the kernel computes [x | xs] @ W_aug^T with our layout (partial last block included)
-    want_aug = np.concatenate([a, xs], axis=1).astype(np.float64) @ w_aug.T
+    # the kernel computes [x | m ... m] @ W_aug^T with our layout (partial last block included)
+    want_aug = np.concatenate([a] + [means] * copies, axis=1) @ w_aug.T
     assert np.abs(got - want_aug).max() <= 1e-5 * np.abs(want_aug).max()
     # the Q4_1 weights are those of w up to the offsets c, each carried as hi + lo / 16
-    # within s / 16, s = the row's offset scale (max(-min c / 8, max c / 7))
+    # within s / 16, s = the row's offset scale (max(-min c / 8, max c / 7)), on block
+    # means (xs / 32); the copies in between are weighted 0
     blocks = w_nk.reshape(n, nb, 32).astype(np.float64)
     offsets = (blocks - w_aug[:, :k].reshape(n, nb, 32))  # constant per block: -d zf
     assert np.abs(offsets - offsets[..., :1]).max() < 1e-6
     c = offsets[..., 0]
-    err = np.abs(w_aug[:, k:k + nb] + w_aug[:, k + nb:] / 16 - c)
+    hi, lo = w_aug[:, k:k + nb], w_aug[:, lo_at:lo_at + nb]
+    assert not np.any(w_aug[:, k + nb:lo_at]) and not np.any(w_aug[:, lo_at + nb:])
+    err = np.abs((hi + lo) / 32 - c)
     s = np.maximum(-c.min(axis=1) / 8, c.max(axis=1) / 7)  # (N,)
     assert (err <= s[:, None] / 16 + 1e-7).all()
     want = a.astype(np.float64) @ w_nk.T.astype(np.float64)
