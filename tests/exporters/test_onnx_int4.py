@@ -16,6 +16,7 @@ from exporters.config import ExportQuant  # noqa: E402
 from exporters.onnx_graph import GraphBuilder  # noqa: E402
 from exporters.onnx_int4 import (  # noqa: E402
     emit_linear,
+    emit_tied_embedding,
     offset_copies,
     q4_blocks,
     q4_offsets,
@@ -119,3 +120,31 @@ def test_any_weights_within_half_a_step_and_q4_1_weights_not_rounded_twice() -> 
     ours = np.abs(again - w_q41).max()
     theirs = np.abs(_int_zero_point_dequant(w_q41, s2) - w_q41).max()
     assert ours < 1e-6 and theirs > 100 * ours
+
+
+def test_tied_embedding_reads_the_heads_8_bit_bytes() -> None:
+    rng = np.random.default_rng(2)
+    v, d = 40, 64
+    w = rng.normal(0, 0.05, size=(v, d)).astype(np.float32)
+    g = GraphBuilder()
+    g.input("ids", TensorProto.INT64, [1, "T"])
+    g.input("A", TensorProto.FLOAT, [1, d])
+    rows = emit_tied_embedding(g, "ids", w, "head")
+    g.op("Identity", [rows], ["E"])
+    emit_linear(g, "A", w, "head", ExportQuant.INT4, head=True, out="Y", accuracy_level=0)
+    g.output("E", TensorProto.FLOAT, [1, "T", d])
+    g.output("Y", TensorProto.FLOAT, [1, v])
+    model = g.model("g")
+    big = [t for t in model.graph.initializer if int(np.prod(t.dims)) >= v * d]
+    assert [t.data_type for t in big] == [TensorProto.UINT8]  # one table, 8-bit, shared
+    # reference: Q8_0 by hand, d = max|w| / 127 per block of 32, q = round(w / d)
+    blocks = w.reshape(v, d // 32, 32).astype(np.float64)
+    step = np.abs(blocks).max(axis=2, keepdims=True) / 127
+    deq = (np.rint(blocks / step) * step).reshape(v, d)
+    ids = np.array([[3, 0, 39, 3]], np.int64)
+    a = rng.normal(size=(1, d)).astype(np.float32)
+    s = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    e, y = s.run(None, {"ids": ids, "A": a})
+    assert np.abs(e[0] - deq[ids[0]]).max() < 1e-6
+    want = a[0].astype(np.float64) @ deq.T
+    assert np.abs(y[0] - want).max() < 1e-5 * np.abs(want).max()
