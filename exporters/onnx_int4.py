@@ -8,24 +8,30 @@ weights dequantized from a Q4_1 GGUF come back exactly. ONNX Runtime's own quant
 step and rounds every weight a second time (+5% held-out loss on SmolLM2-135M).
 
 MatMulNBits accepts a float z, but its CPU kernel is then ~30x slower (1.9 ms against
-62 us for a 576 x 1536 product, measured). So z is split (`q4_offsets`): z = zi + zf,
-the integer part zi for the fast kernel, and the rest, -d zf, is constant per (output
-row n, block b): x @ W gains sum_b xs_b c[n, b], xs_b being the sum of x over block b.
-The block means m_b = xs_b / 32 ride along as extra inputs of the same MatMulNBits:
-A = [x | m | m | ... | m] (`offset_copies` copies, 3 for K = 576 and 1536); W's columns
-on the first copy hold hi and those on the last copy lo, c = s (hi - 8) + (s/16) (lo - 8),
-two 4-bit parts on one scale s per row (zero point 8; the block scales 32 s and 2 s, the
-copies in between weighted 0), so c is within s/16 (about 1/128 of the row's offset
-range, mostly [-d, 0]; zf leaves [0, 1) only where a block's minimum is > 0 or its
-maximum < 0, zi being clipped to 0..15). The Q4_1 weights themselves stay exact. The
-copies put hi and lo in different blocks, so each part gets its own scale and the graph
-needs only AveragePool + Concat per input (it was Reshape, ReduceSum, Mul by 1/16 and
-Concat over [x | xs | xs/16]: 240 more nodes per step on SmolLM2-135M, ~9% of decode CPU
-time at one thread, node dispatch rather than arithmetic). Against the offsets exact in
-fp32 as (x @ E) @ C + Add (two more ops and 13 MB more per token on SmolLM2-135M): decode
-+15% (one thread, CPU time, median of 6), held-out loss 3.833 against 3.832, greedy tokens
-still those of eager (one 4-bit part alone, within 1/30 of the range: +19% but one greedy
-token in 32 flipped).
+62 us for a 576 x 1536 product, measured). So the grid is split (`q4_offsets`): the
+weights keep their q and d on MatMulNBits' symmetric grid, d (q - 8), with no zero_points
+input at all (its int8-activation kernel is ~20% faster at M = 1 without one: 131 against
+161 us for 640 x 3072, CPU time, one thread), and the rest, c = d (8 - z) = min + 8 d, is
+constant per (output row n, block b): x @ W gains sum_b xs_b c[n, b], xs_b being the sum
+of x over block b. The block means m_b = xs_b / 32 ride along as extra inputs of the same
+MatMulNBits: A = [x | m | m | ... | m] (`offset_copies` copies, 3 for K = 576 and 1536);
+W's columns on the first copy hold hi and those on the last copy lo,
+c = s (hi - 8) + (s/16) (lo - 8), two 4-bit parts on one scale s per row (the block scales
+32 s and 2 s, the copies in between weighted 0), so c is within s/16 of exact. The Q4_1
+weights themselves stay exact. The copies put hi and lo in different blocks, so each part
+gets its own scale and the graph needs only AveragePool + Concat per input (it was
+Reshape, ReduceSum, Mul by 1/16 and Concat over [x | xs | xs/16]: 240 more nodes per
+step on SmolLM2-135M, ~9% of decode CPU time at one thread, node dispatch rather than
+arithmetic).
+
+Accuracy on SmolLM2-135M (loss over the first 500 tokens of exporters/README.md; eager
+fp32 4.1946): integer zero points zi = floor(z) with c = -d (z - zi) in [-d, 0] gave
+4.1979, this symmetric grid 4.2002 (c spans up to ~8 d, so the int8 quantization of the
+means in A costs a little more), for ~15% less decode CPU time; bench_runtime's held-out
+loss 3.824 (fp32 3.839), greedy tokens those of eager.
+Against the offsets exact in fp32 as (x @ E) @ C + Add (two more ops and 13 MB more per
+token): decode +15% (one thread, CPU time, median of 6); one 4-bit part alone (within 1/30
+of the range): +19% but one greedy token in 32 flipped.
 The tied LM head (Q8_0 in GGUF files) gets 8 bits on
 Q8_0's grid (`q8_blocks`), and the embedding reads the same bytes through
 GatherBlockQuantized (`emit_tied_embedding`) instead of an fp32 copy of the table
@@ -76,22 +82,26 @@ def offset_copies(nb: int, block: int = BLOCK) -> int:
     return j + 1
 
 
-def q4_offsets(w_nk: np.ndarray, block: int = BLOCK
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """The Q4_1 grid of W (N, K) as one MatMulNBits over A = [x | m | m ... | m]
-    (`offset_copies` copies of m, the block means of x, xs / block): integer zero points
-    for the weights plus their offsets c = -d zf in two 4-bit parts, hi on the first copy
-    and lo on the last, the other copies weighted 0 (see the module docstring).
+def q4_offsets(w_nk: np.ndarray, block: int = BLOCK) -> tuple[np.ndarray, np.ndarray, int]:
+    """The Q4_1 grid of W (N, K) as one symmetric MatMulNBits (zero point 8, no
+    zero_points input) over A = [x | m | m ... | m] (`offset_copies` copies of m, the
+    block means of x, xs / block): the weights' own q and d, plus their offsets
+    c = d (8 - z) = min + 8 d in two 4-bit parts, hi on the first copy and lo on the last,
+    the other copies weighted 0 (see the module docstring). A constant block gets q = 8
+    and c = its value.
 
-    Returns (packed uint8 (N, n_blocks, block/2), scales (N * n_blocks,), packed zero
-    points (N * ceil(n_blocks / 2),), K_in = K + copies K/block); n_blocks = ceil(K_in /
-    block).
+    Returns (packed uint8 (N, n_blocks, block/2), scales (N * n_blocks,),
+    K_in = K + copies K/block); n_blocks = ceil(K_in / block).
     """
     n, k = w_nk.shape
-    packed, scales, zeros = q4_blocks(w_nk, block)
+    packed, scales, _ = q4_blocks(w_nk, block)
     nb = k // block
-    zi = np.clip(np.floor(zeros.astype(np.float64)), 0, 15)
-    c = (-scales.astype(np.float64) * (zeros - zi)).reshape(n, nb)  # (N, nb), mostly [-d, 0]
+    blocks = w_nk.reshape(n, nb, block)
+    flat = (blocks.max(axis=2) == blocks.min(axis=2)).reshape(-1)  # constant blocks
+    packed = packed.reshape(n * nb, block // 2)
+    packed[flat] = 0x88  # q = 8: weight 0 on the grid, the value goes to c
+    lo_w = blocks.min(axis=2).astype(np.float64).reshape(-1)  # the block minima
+    c = np.where(flat, lo_w, lo_w + 8 * scales.astype(np.float64)).reshape(n, nb)  # (N, nb)
     # one offset scale per row, zero point 8: hi in [-8 s, 7 s], its remainder r (|r| <= s/2)
     # as lo on scale s / 16, so c = s (hi - 8) + (s / 16) (lo - 8) to within s / 16
     s_row = np.maximum(np.maximum(-c.min(axis=1) / 8, c.max(axis=1) / 7),
@@ -106,12 +116,10 @@ def q4_offsets(w_nk: np.ndarray, block: int = BLOCK
     # A holds m = xs / block: scale s block for hi, s block / 16 for lo (powers of two: exact)
     s_off = np.repeat(s_row[:, None] * block, na, axis=1)
     s_off[:, lo_at // block:] /= 16
-    packed = np.concatenate([packed, pack_nibbles(q_off.reshape(n, na, block))], axis=1)
+    packed = np.concatenate([packed.reshape(n, nb, block // 2),
+                             pack_nibbles(q_off.reshape(n, na, block))], axis=1)
     scales = np.concatenate([scales.reshape(n, nb), s_off], axis=1).astype(np.float32)
-    z = np.concatenate([zi.reshape(n, nb), np.full((n, na), 8)], axis=1).astype(np.uint8)
-    if z.shape[1] % 2:
-        z = np.concatenate([z, np.zeros((n, 1), np.uint8)], axis=1)
-    return packed, scales.reshape(-1), pack_nibbles(z).reshape(-1), k + copies * nb
+    return packed, scales.reshape(-1), k + copies * nb
 
 
 def q8_blocks(w_nk: np.ndarray, block: int = BLOCK) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -147,7 +155,7 @@ def emit_linear(g: Any, x: str, w_nk: np.ndarray, name: str, quant: ExportQuant,
     """y = x @ W^T into `g` (an `exporters.onnx_graph.GraphBuilder`); returns y's name.
 
     W is (N, K) (output rows, input columns); x is (B, T, K). `none`: fp32 `MatMul`.
-    `int8`: MatMulNBits on Q8_0's grid. `int4`: MatMulNBits on the Q4_1 grid over
+    `int8`: MatMulNBits on Q8_0's grid. `int4`: symmetric MatMulNBits on the Q4_1 grid over
     [x | block means of x ...] (`q4_offsets`), the means made once per input `x` and
     shared by every linear that reads it; the LM head (`head`) gets Q8_0's grid, as GGUF
     files keep the tied embedding. `accuracy_level` 4: int8 activations in MatMulNBits.
@@ -162,11 +170,11 @@ def emit_linear(g: Any, x: str, w_nk: np.ndarray, name: str, quant: ExportQuant,
     if head or quant is ExportQuant.INT8:
         bits, k_in, a = 8, k, x
         packed, scales, zeros = q8_blocks(w_nk, block)
-    else:
-        bits, a = 4, _with_block_means(g, x, k, block)
-        packed, scales, zeros, k_in = q4_offsets(w_nk, block)
-    ins = [a, g.const(f"{name}.q_B", packed), g.const(f"{name}.q_scales", scales),
-           g.const(f"{name}.q_zp", zeros)]
+        zp = [g.const(f"{name}.q_zp", zeros)]
+    else:  # symmetric: no zero points (MatMulNBits' default 8)
+        bits, a, zp = 4, _with_block_means(g, x, k, block), []
+        packed, scales, k_in = q4_offsets(w_nk, block)
+    ins = [a, g.const(f"{name}.q_B", packed), g.const(f"{name}.q_scales", scales), *zp]
     return str(g.op("MatMulNBits", ins, outs, domain="com.microsoft", K=k_in, N=n, bits=bits,
                     block_size=block, accuracy_level=accuracy_level)[0])
 

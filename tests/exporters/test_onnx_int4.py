@@ -1,6 +1,7 @@
 """int4 on the Q4_1 grid: weights built as min + d q come back through ONNX Runtime's
-MatMulNBits exactly up to their block offsets, which ride along (on the block means) as two
-4-bit parts within 1/16 of the row's offset step; arbitrary weights stay within half a step of their block."""
+symmetric MatMulNBits (no zero points) exactly up to their block offsets, which ride along
+on the block means as two 4-bit parts within 1/16 of the row's offset step; arbitrary
+weights stay within half a step of their block. A tied embedding reads the head's bytes."""
 
 from __future__ import annotations
 
@@ -46,12 +47,11 @@ def _q4_1_weights(rng: np.random.Generator, n: int, nb: int) -> np.ndarray:
     return (m + d * q).reshape(n, nb * 32).astype(np.float32)
 
 
-def _dequant(packed: np.ndarray, scales: np.ndarray, zp: np.ndarray, k_in: int) -> np.ndarray:
-    """The (N, K_in) matrix MatMulNBits multiplies by, from our packed arrays."""
+def _dequant(packed: np.ndarray, scales: np.ndarray, k_in: int) -> np.ndarray:
+    """The (N, K_in) matrix a symmetric MatMulNBits (zero point 8) multiplies by."""
     n, n_blocks, _ = packed.shape
     q = np.stack([packed & 15, packed >> 4], axis=-1).reshape(n, n_blocks, 32)
-    z = np.stack([zp & 15, zp >> 4], axis=-1).reshape(n, -1)[:, :n_blocks]
-    w = (q - z[..., None].astype(np.float64)) * scales.reshape(n, n_blocks, 1)
+    w = (q - 8.0) * scales.reshape(n, n_blocks, 1)
     return w.reshape(n, -1)[:, :k_in]
 
 
@@ -60,17 +60,20 @@ def test_q4_1_weights_exact_and_offsets_within_a_sixteenth_of_a_step(nb: int) ->
     rng = np.random.default_rng(nb)
     n, k = 24, nb * 32
     w_nk = _q4_1_weights(rng, n, nb)
+    w_nk[3, 32:64] = -0.02  # a constant block: q = 8, its value carried by the offset
     model = _linear_model(w_nk)
     ops = sorted(x.op_type for x in model.graph.node)
     assert ops == ["AveragePool", "Concat", "MatMulNBits"]  # [x | m | ... | m]
+    mnb = next(x for x in model.graph.node if x.op_type == "MatMulNBits")
+    assert len(mnb.input) == 3  # symmetric: no zero_points input (the faster kernel)
     floats = [t for t in model.graph.initializer if t.data_type == TensorProto.FLOAT]
     assert all(int(np.prod(t.dims)) < n * k for t in floats)  # no float copy of W
-    packed, scales, zp, k_in = q4_offsets(w_nk)
+    packed, scales, k_in = q4_offsets(w_nk)
     copies = offset_copies(nb)
     assert k_in == k + copies * nb
     lo_at = k + (copies - 1) * nb
     assert (k + nb - 1) // 32 < lo_at // 32  # hi and lo parts in different blocks
-    w_aug = _dequant(packed, scales, zp, k_in)
+    w_aug = _dequant(packed, scales, k_in)
     a = rng.normal(size=(5, k)).astype(np.float32)
     means = a.reshape(5, nb, 32).astype(np.float64).mean(axis=2)  # (5, nb)
     got = _run(model, a)
@@ -81,7 +84,7 @@ def test_q4_1_weights_exact_and_offsets_within_a_sixteenth_of_a_step(nb: int) ->
     # within s / 16, s = the row's offset scale (max(-min c / 8, max c / 7)), on block
     # means (xs / 32); the copies in between are weighted 0
     blocks = w_nk.reshape(n, nb, 32).astype(np.float64)
-    offsets = (blocks - w_aug[:, :k].reshape(n, nb, 32))  # constant per block: -d zf
+    offsets = (blocks - w_aug[:, :k].reshape(n, nb, 32))  # constant per block: min + 8 d
     assert np.abs(offsets - offsets[..., :1]).max() < 1e-6
     c = offsets[..., 0]
     hi, lo = w_aug[:, k:k + nb], w_aug[:, lo_at:lo_at + nb]
