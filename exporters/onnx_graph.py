@@ -21,7 +21,8 @@ after the fused linear is split. The LM head runs on the last position only.
 
 Linears (`exporters.onnx_int4`): fp32 `MatMul`; `int8` `MatMulNBits` on Q8_0's grid;
 `int4` `MatMulNBits` on the Q4_1 grid with its exact per-block correction, the
-activations' block sums computed once per input and shared by the fused linear.
+activations' block means computed once per input and shared by the fused linear. A tied
+embedding of a quantized export is `GatherBlockQuantized` over the LM head's 8-bit bytes.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from exporters.transforms import InputLoRALinear, SlotShapes
 __all__ = ["GraphBuilder", "build_decoder", "KV_DIM", "input_names", "output_names"]
 
 KV_DIM = "max_seq"  # the symbolic length of the shared KV buffers
+HEAD = "lm_head"  # the LM head's initializer prefix (shared with a tied embedding)
 OPSET = 17
 
 
@@ -52,7 +54,7 @@ class GraphBuilder:
         self.inits: list[Any] = []
         self.inputs: list[Any] = []
         self.outputs: list[Any] = []
-        self.block_sums: dict[tuple[str, int], str] = {}  # (tensor, K) -> its block sums
+        self.block_means: dict[tuple[str, int], str] = {}  # (tensor, K) -> [x | means]
         self._consts: set[str] = set()
         self._n = 0
 
@@ -216,7 +218,7 @@ class _Decoder:
 
     # --- the whole step ---------------------------------------------------------------
     def build(self) -> Any:
-        from exporters.onnx_int4 import emit_linear
+        from exporters.onnx_int4 import emit_linear, emit_tied_embedding
 
         c, g, tp = self.cfg, self.g, self.tp
         g.input("input_ids", tp.INT64, [1, "seq"])
@@ -226,8 +228,12 @@ class _Decoder:
         cos = g.const("rope_cos", cos_t[:, : c.hd // 2].numpy())
         sin = g.const("rope_sin", sin_t[:, : c.hd // 2].numpy())
         emb_w = self.model.model.embed_tokens.weight.detach().float().numpy()  # (V, dim)
-        emb = g.const("embed_tokens", emb_w)
-        h = g.op("Gather", [emb, "input_ids"], axis=0)[0]  # (1, T, dim)
+        shared = self.quant is not ExportQuant.NONE and c.tie_embeddings
+        if shared:  # the head's 8-bit blocks, no fp32 table
+            h = emit_tied_embedding(g, "input_ids", emb_w, HEAD)  # (1, T, dim)
+        else:
+            emb = g.const("embed_tokens", emb_w)
+            h = g.op("Gather", [emb, "input_ids"], axis=0)[0]  # (1, T, dim)
         blocks: list[Block] = self.model.blocks()
         down: str | None = None
         for i, blk in enumerate(blocks):
@@ -245,10 +251,13 @@ class _Decoder:
                               g.const("last_axis", np.array([1], np.int64))])[0]
         last = g.op("Reshape", [last, g.const("last_shape", np.array([1, c.dim], np.int64))])[0]
         head_w = self.model.lm_head.weight.detach().float().numpy()  # (V, dim)
+        if shared and not np.array_equal(head_w, emb_w):
+            raise ValueError("tie_embeddings is set but lm_head.weight differs from "
+                             "embed_tokens.weight; fix the checkpoint's config")
         if self.quant is ExportQuant.NONE and c.tie_embeddings:
             g.op("Gemm", [last, emb], ["logits"], transB=1)  # the tied table, no copy
-        else:
-            emit_linear(g, last, head_w, "lm_head", self.quant, head=True, out="logits")
+        else:  # tied: the same initializer as the embedding (same name, same bytes)
+            emit_linear(g, last, head_w, HEAD, self.quant, head=True, out="logits")
         g.output("logits", tp.FLOAT, [1, c.vocab_size])
         return g.model("edge_runtime_decoder")
 
