@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -252,6 +253,7 @@ def export_executorch(model: CausalLM, cfg: ExportConfig, out_dir: Path,
         compile_config=EdgeCompileConfig(_check_ir_validity=False),
     )
     t2 = time.perf_counter()
+    n_delegates, outside = _op_counts(edge.exported_program().graph)
     prog = edge.to_executorch(ExecutorchBackendConfig(
         external_constants=_tag_lora if has_slots else False))
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -266,17 +268,31 @@ def export_executorch(model: CausalLM, cfg: ExportConfig, out_dir: Path,
         write_adapter_ptd(out_dir / PTD_NAME, slot_tensors(adapter, slots, cfg.max_rank))
         _check_ptd_keys(data_files[LORA_TAG], slots)
     t3 = time.perf_counter()
-    n_delegates = sum(1 for n in edge.exported_program().graph.nodes
-                      if n.op == "call_function" and "executorch_call_delegate" in str(n.target))
-    log.info("executorch: export %.1fs, lower %.1fs, serialize %.1fs, %d XNNPACK calls",
-             t1 - t0, t2 - t1, t3 - t2, n_delegates)
+    log.info("executorch: export %.1fs, lower %.1fs, serialize %.1fs, %d XNNPACK calls, "
+             "outside the delegate %s", t1 - t0, t2 - t1, t3 - t2, n_delegates, outside)
     return {
         "program": PTE_NAME,
         "adapter_data": PTD_NAME if has_slots else None,
         "xnnpack_calls": n_delegates,
+        "undelegated_ops": outside,
         "quantized": quant_summary,
         "seconds": {"export": t1 - t0, "lower": t2 - t1, "serialize": t3 - t2},
     }
+
+
+def _op_name(target: Any) -> str:
+    name = getattr(target, "name", None)  # OpOverload.name(): "llama::custom_sdpa"
+    return str(name()) if callable(name) else str(target)
+
+
+def _op_counts(graph: torch.fx.Graph) -> tuple[int, dict[str, int]]:
+    """(number of XNNPACK delegate calls, {operator: count} of the ops run outside it)."""
+    calls = [n for n in graph.nodes if n.op == "call_function"]
+    n_delegates = sum("executorch_call_delegate" in str(n.target) for n in calls)
+    outside = Counter(_op_name(n.target) for n in calls
+                      if "executorch_call_delegate" not in str(n.target)
+                      and "getitem" not in str(n.target))
+    return n_delegates, dict(sorted(outside.items()))
 
 
 def _check_ptd_keys(blob: bytes, slots: SlotShapes) -> None:
