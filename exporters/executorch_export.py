@@ -280,8 +280,12 @@ def export_executorch(model: CausalLM, cfg: ExportConfig, out_dir: Path,
     }
 
 
-def _op_name(target: Any) -> str:
-    name = getattr(target, "name", None)  # OpOverload.name(): "llama::custom_sdpa"
+def _op_name(node: torch.fx.Node) -> str:
+    """"llama::custom_sdpa"; a mutating op wrapped by export as `auto_functionalized`."""
+    target = node.target
+    if "auto_functionalized" in str(target) and node.args:
+        target = node.args[0]  # the mutating op (llama::update_cache), run in place later
+    name = getattr(target, "name", None)  # OpOverload.name()
     return str(name()) if callable(name) else str(target)
 
 
@@ -289,7 +293,7 @@ def _op_counts(graph: torch.fx.Graph) -> tuple[int, dict[str, int]]:
     """(number of XNNPACK delegate calls, {operator: count} of the ops run outside it)."""
     calls = [n for n in graph.nodes if n.op == "call_function"]
     n_delegates = sum("executorch_call_delegate" in str(n.target) for n in calls)
-    outside = Counter(_op_name(n.target) for n in calls
+    outside = Counter(_op_name(n) for n in calls
                       if "executorch_call_delegate" not in str(n.target)
                       and "getitem" not in str(n.target))
     return n_delegates, dict(sorted(outside.items()))
