@@ -281,7 +281,7 @@ def export_executorch(model: CausalLM, cfg: ExportConfig, out_dir: Path,
 
 
 def _op_name(node: torch.fx.Node) -> str:
-    """"llama::custom_sdpa"; a mutating op wrapped by export as `auto_functionalized`."""
+    """An op's name (`llama::custom_sdpa`), also of one export wrapped as auto_functionalized."""
     target: Any = node.target
     if "auto_functionalized" in str(target) and node.args:
         target = node.args[0]  # the mutating op (llama::update_cache), run in place later
