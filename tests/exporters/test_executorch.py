@@ -1,7 +1,7 @@
 """ExecuTorch export of `tiny`: parity with eager, adapters swapped through lora.ptd.
 
 One fp32 export (rank-8 LoRA slots on q/v of both blocks) is shared by the module; it
-lowers in ~30-60 s on one core. The quantized export is a second, `slow` lowering.
+lowers in ~30-60 s on one core. The quantized exports (8da8w, 8da4w) are `slow` lowerings.
 """
 
 from __future__ import annotations
