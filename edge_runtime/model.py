@@ -153,6 +153,9 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.hd, bias=qkv_bias)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.hd, cfg.dim, bias=False)
         self.kv_cache: KVCache | None = None
+        # an export pass may hand the cache and the attention to one module (ExecuTorch's
+        # fused ops): sdpa(q, k, v, input_pos) -> (B, T, H*hd); None in eager training
+        self.sdpa: nn.Module | None = None
         # with a cache, fold each KV head's query heads into its rows instead of repeating
         # K and V (set by the ONNX export, whose cache grows each step; a static cache of
         # dynamic length does not trace through the fold)
@@ -167,6 +170,10 @@ class Attention(nn.Module):
         # q: (B, H, T, hd); k, v: (B, KV, T, hd)
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
+        if self.sdpa is not None:
+            if input_pos is None:
+                raise ValueError("an attention with a fused cache needs input_pos")
+            return self.o_proj(self.sdpa(q, k, v, input_pos))
         mask: torch.Tensor | None = None
         if self.kv_cache is not None:
             if input_pos is None:
@@ -303,6 +310,7 @@ class CausalLM(nn.Module):
     def clear_cache(self) -> None:
         for layer in self.blocks():
             layer.self_attn.kv_cache = None
+            layer.self_attn.sdpa = None
 
     # --- forward --------------------------------------------------------------
     def hidden_states(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None,

@@ -64,6 +64,9 @@ class ExecuTorchRunner:
                  manifest: dict[str, Any] | None = None) -> None:
         from executorch.runtime import Runtime
 
+        from exporters.executorch_export import load_kernels
+
+        load_kernels()
         self.dir = Path(export_dir)
         self.manifest = manifest or read_manifest(self.dir)
         _check_adapter(self.manifest, adapter)

@@ -16,6 +16,10 @@ The eager model carries `LoRALinear` (rank r, scale alpha/r as a Python float) a
   eq. 3). Carrying s as data (not folded into B) keeps the arithmetic identical to the
   eager `LoRALinear`, which multiplies the low-rank product by s.
 
+`use_llama_ops` hands each attention's KV cache and attention to ExecuTorch's LLM
+custom ops (`llama::update_cache`, `llama::custom_sdpa`), which run as kernels of the
+ExecuTorch runtime; it is an export pass only (the eager model keeps `KVCache` + SDPA).
+
 `slot_tensors` is the one function that turns an Adapter into slot data; the ExecuTorch
 adapter file (.ptd) and the ONNX adapter inputs both come from it.
 """
@@ -50,6 +54,9 @@ __all__ = [
     "slot_tensors",
     "load_slot_tensors",
     "SLOT_SUFFIXES",
+    "LlamaOpsSDPA",
+    "use_llama_ops",
+    "load_llama_ops",
 ]
 
 # {module name: (d_in, d_out)} of every LoRA slot in an export.
@@ -123,6 +130,71 @@ class LastTokenLogits(nn.Module):
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         h = self.model.hidden_states(tokens, input_pos)  # (1, T, dim)
         return self.model.lm_head(h[:, -1, :])  # (1, V)
+
+
+def load_llama_ops() -> None:
+    """Register ExecuTorch's LLM custom ops with torch and with the ExecuTorch runtime.
+
+    Importing the module loads `libcustom_ops_aot_lib.so` of the executorch wheel, which
+    holds the ATen (eager, export) and the ExecuTorch kernels of `llama::custom_sdpa`
+    and `llama::update_cache`; a runner must call this before loading such a program.
+    """
+    import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401
+
+
+class LlamaOpsSDPA(nn.Module):
+    """Static KV cache + causal attention through `llama::update_cache` / `llama::custom_sdpa`.
+
+    The cache is laid out as ExecuTorch's kernels want it, (B, S_max, KV, hd), sequence
+    second. `update_cache` writes the new positions in place (no index_copy, no copy of
+    the cache); `custom_sdpa` attends each query at position p to keys 0..p only (causal
+    from `start_pos`), so a decode step reads `start_pos + 1` cached positions instead of
+    all S_max under a mask, and it takes grouped-query heads without repeating K and V.
+    Positions must be contiguous, `input_pos = start_pos + arange(T)`, as every runner
+    feeds them.
+    """
+
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+
+    def __init__(self, batch: int, max_seq_len: int, n_heads: int, n_kv_heads: int,
+                 head_dim: int, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.n_heads, self.head_dim, self.max_seq_len = n_heads, head_dim, max_seq_len
+        shape = (batch, max_seq_len, n_kv_heads, head_dim)
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype), persistent=False)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                input_pos: torch.Tensor) -> torch.Tensor:
+        """q (B, H, T, hd), k, v (B, KV, T, hd) after RoPE; input_pos (T,) -> (B, T, H*hd)."""
+        bsz, _, seqlen, _ = q.shape
+        start = input_pos[0].item()
+        torch._check(start >= 0)
+        torch._check(start + seqlen <= self.max_seq_len)
+        torch.ops.llama.update_cache(k.transpose(1, 2), self.k_cache, start)  # (B, T, KV, hd)
+        torch.ops.llama.update_cache(v.transpose(1, 2), self.v_cache, start)
+        y = torch.ops.llama.custom_sdpa(q.transpose(1, 2), self.k_cache, self.v_cache, start,
+                                        None, 0.0, True)  # (B, T, H, hd)
+        return y.reshape(bsz, seqlen, self.n_heads * self.head_dim)
+
+
+def use_llama_ops(model: CausalLM, batch: int, max_seq_len: int) -> CausalLM:
+    """Pass: every attention's cache and SDPA -> a `LlamaOpsSDPA` of `max_seq_len` positions.
+
+    Replaces any `KVCache` (the eager cache is not used any more); the rotary tables
+    are extended to `max_seq_len`. Module names of the projections do not change, so
+    LoRA slot names are the same with and without this pass.
+    """
+    load_llama_ops()
+    model.setup_cache(batch, max_seq_len)  # the rotary tables; the caches are dropped below
+    for layer in model.blocks():
+        attn = layer.self_attn
+        dtype = attn.kv_cache.k_cache.dtype if attn.kv_cache is not None else torch.float32
+        attn.kv_cache = None
+        attn.sdpa = LlamaOpsSDPA(batch, max_seq_len, attn.n_heads, attn.n_kv_heads,
+                                 attn.head_dim, dtype)
+    return model
 
 
 def replace_modules(model: nn.Module, select: Callable[[str, nn.Module], bool],

@@ -175,7 +175,15 @@ def _export_weight_bytes(folder: Path, manifest: dict[str, Any]) -> int:
         if total < emb // 2:  # LM head reads the tied embedding through a Transpose
             total += emb
         return total
-    # ExecuTorch: the program holds the fp32 embedding table plus the (packed) matmul weights.
+    # ExecuTorch: the program holds the embedding table (fp32, or int4 groups of 32 /
+    # int8 rows with fp32 scales, see `quantized` in the manifest) plus the matmul weights.
+    scheme = manifest.get("quantized", {}).get("scheme", {})
+    kind = scheme.get("embedding", "fp32") if isinstance(scheme, dict) else "fp32"
+    rows, dim = int(mc["vocab_size"]), int(mc["dim"])
+    if kind.startswith("int4 g"):
+        emb = rows * dim // 2 + rows * (dim // int(kind.removeprefix("int4 g"))) * 4
+    elif kind == "int8 per row":
+        emb = rows * dim + rows * 4
     pte = (folder / manifest["program"]).stat().st_size
     return max(pte - emb, 0)
 

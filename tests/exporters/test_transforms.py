@@ -14,6 +14,7 @@ from edge_runtime.lora import LoRALinear, set_adapter
 from edge_runtime.quant import QuantLinear
 from exporters.config import ExportConfig
 from exporters.transforms import (
+    LlamaOpsSDPA,
     PaddedLoRALinear,
     choose_slots,
     dequantize_base,
@@ -22,6 +23,7 @@ from exporters.transforms import (
     pad_lora,
     slot_tensors,
     strip_lora,
+    use_llama_ops,
 )
 from tests.exporters.helpers import TOKENS, eager_logits, random_adapter
 
@@ -142,3 +144,29 @@ def test_export_config_rejects_bad_combinations() -> None:
         ExportConfig(format="tflite")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="max-seq-len"):
         ExportConfig(max_seq_len=2)
+
+
+def test_llama_ops_attention_matches_eager_cache() -> None:
+    """`use_llama_ops` (update_cache + custom_sdpa, GQA 4/2 heads) equals the eager KVCache.
+
+    Prefill then decode steps, with a LoRA adapter on q/v, against one eager forward over
+    the whole sequence; the projections keep their names (LoRA slots are found by name).
+    """
+    loaded = load_model("tiny")
+    model = loaded.model.eval()
+    set_adapter(model, random_adapter(model, {"model.layers.1.self_attn.q_proj": 4,
+                                              "model.layers.0.self_attn.v_proj": 2}))
+    ref = eager_logits(model, TOKENS)
+    names = {n for n, _ in model.named_modules()}
+    fused = use_llama_ops(copy.deepcopy(model), 1, 32)
+    assert names <= {n for n, _ in fused.named_modules()}
+    assert all(b.self_attn.kv_cache is None and isinstance(b.self_attn.sdpa, LlamaOpsSDPA)
+               for b in fused.blocks())
+    with torch.no_grad():
+        rows = [fused(torch.tensor([TOKENS[:5]]), torch.arange(5))[0]]
+        for i in range(5, len(TOKENS)):
+            rows.append(fused(torch.tensor([TOKENS[i:i + 1]]), torch.tensor([i]))[0])
+    got = torch.cat(rows)
+    assert (got - ref).abs().max().item() <= 1e-5
+    fused.clear_cache()
+    assert all(b.self_attn.sdpa is None for b in fused.blocks())
