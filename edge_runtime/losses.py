@@ -5,9 +5,9 @@ Logits are computed only at positions whose next token carries a label: with a
 and most positions of a prompt/response row carry no loss.
 
 With a frozen head the logits never exist whole either: `head_loss_sum` takes them in
-row chunks and, when a gradient is wanted, computes the hidden states' gradient
-`(softmax - onehot) @ W` chunk by chunk in the forward (the loss is a scalar, so that
-gradient is known up to the upstream factor). Nothing of size (N, V) is kept for the
+vocabulary blocks with an online softmax and, when a gradient is wanted, computes the
+hidden states' gradient `(softmax - onehot) @ W` in the same pass, in the forward (the
+loss is a scalar, so that gradient is known up to the upstream factor). Nothing of size (N, V) is kept for the
 backward: 512 labelled tokens save three (N, V) fp32 tensors (logits, log-softmax, their
 gradient: ~300 MB) and the log-softmax passes (the "fused linear cross-entropy" of
 Liger-Kernel, here in plain torch).
@@ -23,16 +23,19 @@ from edge_runtime.data import IGNORE
 from edge_runtime.model import CausalLM
 
 __all__ = ["IGNORE", "token_loss_sum", "count_label_tokens", "head_loss_sum",
-           "head_chunk_rows"]
+           "head_block"]
 
-HEAD_CHUNK_BYTES = 16 << 20  # fp32 logits of one row chunk, at least HEAD_MIN_ROWS rows
-HEAD_MIN_ROWS = 128  # MKL's sgemm of (rows, 576) x (576, 49152): ~40 GFLOP/s at 85 rows,
-# ~50 at 128 (1 thread, AMD EPYC, scripts/bench_train.py); 25 MB of logits at V = 49,152
+HEAD_CHUNK_BYTES = 8 << 20  # fp32 logits of one (rows, vocabulary block) slice
+HEAD_MAX_ROWS = 1024  # rows per pass over W (a pass holds `rows x block` logits)
+HEAD_MIN_BLOCK = 256  # vocabulary columns per GEMM at the least
 
 
-def head_chunk_rows(vocab: int) -> int:
-    """Rows of one logits chunk: the byte budget, but never fewer than HEAD_MIN_ROWS."""
-    return max(HEAD_MIN_ROWS, HEAD_CHUNK_BYTES // (4 * vocab), 1)
+def head_block(vocab: int, rows: int) -> int:
+    """Vocabulary columns of one logits slice: the byte budget over `rows`, at least
+    HEAD_MIN_BLOCK, at most the vocabulary. At 508 rows and 8 MiB: 4128 columns (MKL's
+    sgemm reaches ~55/65 GFLOP/s on the logits/gradient GEMMs at 4096 columns against
+    ~40/55 with 85-row chunks over the whole vocabulary, 1 thread, AMD EPYC)."""
+    return max(1, min(vocab, max(HEAD_MIN_BLOCK, HEAD_CHUNK_BYTES // (4 * rows))))
 
 
 def count_label_tokens(labels: torch.Tensor) -> int:
@@ -83,9 +86,11 @@ def head_loss_sum(head: nn.Module, h: torch.Tensor, target: torch.Tensor) -> tor
 class _FrozenHeadCE(torch.autograd.Function):
     """sum_i CE(h_i @ W^T, t_i) for a frozen W; the gradient of h made in the forward.
 
-    One (rows, V) buffer serves every chunk: logits, then exp(logits - max) in place,
-    then softmax - onehot in place, so a chunk costs one exp pass and no temporaries of
-    its size (`torch.logsumexp` would allocate one and exponentiate a second time).
+    One pass over W in vocabulary blocks with an online softmax (the running max, sum of
+    exponentials and exp-weighted sum of W's rows of every row, rescaled when the max
+    grows: flash attention's recurrence with W as keys and values), so each row's
+    normaliser and its gradient `softmax @ W - W[t]` come out of the same two GEMMs per
+    block and only a (rows, block) slice of logits ever exists.
     """
 
     @staticmethod
@@ -93,25 +98,36 @@ class _FrozenHeadCE(torch.autograd.Function):
                 target: torch.Tensor) -> torch.Tensor:
         n, vocab = h.shape[0], weight.shape[0]
         want_grad = ctx.needs_input_grad[0]
+        w = weight.float()
         grad = torch.empty(h.shape, dtype=torch.float32) if want_grad else None
         total = torch.zeros((), dtype=torch.float64)
-        rows = max(1, min(n, head_chunk_rows(vocab)))
-        w = weight.float()
-        buf = torch.empty(rows, vocab, dtype=torch.float32)
+        rows = max(1, min(n, HEAD_MAX_ROWS))
+        block = head_block(vocab, rows)
+        buf = torch.empty(rows, block, dtype=torch.float32)
         for i in range(0, n, rows):
-            c = min(rows, n - i)
-            logits = torch.mm(h[i:i + c].float(), w.t(), out=buf[:c])  # (c, V)
-            t = target[i:i + c]
-            picked = logits.gather(1, t[:, None])[:, 0]
-            top = logits.amax(dim=1)  # (c,)
-            e = logits.sub_(top[:, None]).exp_()  # exp(logits - max), in place
-            z = e.sum(dim=1)  # (c,)
-            lse = top + z.log()
-            total += (lse - picked).sum(dtype=torch.float64)
-            if grad is not None:
-                probs = e.mul_(z.reciprocal()[:, None])  # softmax, in place
-                probs[torch.arange(c), t] -= 1.0
-                torch.mm(probs, w, out=grad[i:i + c])  # (c, D)
+            hi = h[i:i + rows].float()
+            r = hi.shape[0]
+            top = torch.full((r,), float("-inf"))
+            z = torch.zeros(r)
+            acc = torch.zeros(r, w.shape[1]) if grad is not None else None
+            for j in range(0, vocab, block):
+                wb = w[j:j + block]
+                c = wb.shape[0]
+                lb = (torch.mm(hi, wb.t(), out=buf[:r]) if c == block and r == rows
+                      else hi @ wb.t())  # (r, c) logits of this block
+                new_top = torch.maximum(top, lb.amax(dim=1))
+                rescale = (top - new_top).exp_()  # 0 at the first block (exp(-inf))
+                e = lb.sub_(new_top[:, None]).exp_()  # in place
+                z.mul_(rescale).add_(e.sum(dim=1))
+                if acc is not None:
+                    acc.mul_(rescale[:, None]).addmm_(e, wb)
+                top = new_top
+            t = target[i:i + rows]
+            wt = w[t]  # (r, D) the targets' rows
+            picked = (hi * wt).sum(dim=1)
+            total += (top + z.log() - picked).sum(dtype=torch.float64)
+            if grad is not None and acc is not None:
+                torch.sub(acc.div_(z[:, None]), wt, out=grad[i:i + rows])
         ctx.save_for_backward(grad if grad is not None else torch.empty(0))
         ctx.h_dtype = h.dtype
         return total.to(torch.float32)
