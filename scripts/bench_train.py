@@ -10,7 +10,9 @@ if missing (torch is left as it is). Every row's ratio is against PEFT at its ow
     python scripts/bench_train.py [--model smollm2-135m] [--steps 3] [--threads N]
         [--depths 0,8,4] [--quants none,int8,int4] [--rounds K]
 
-"x anchor" for time is on CPU seconds (robust to other load on the machine at 1 thread).
+"x anchor" for time is on CPU seconds. CPU seconds are not immune to other load (a busy
+SMT sibling or noisy neighbour slows every instruction), so anchor and ours alternate
+(`--rounds`) and only the same-run ratio is meaningful; run it on a quiet machine.
 """
 
 from __future__ import annotations
