@@ -188,21 +188,18 @@ class Attention(nn.Module):
             q = q.reshape(bsz, self.n_kv_heads, rep * seqlen, self.head_dim)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.repeat(rep, 1))
             y = y.reshape(bsz, self.n_heads, seqlen, self.head_dim)
-            return self.o_proj(y.transpose(1, 2).reshape(bsz, seqlen,
-                                                         self.n_heads * self.head_dim))
-        if rep > 1 and mask is None:
+        elif rep > 1 and mask is None:
             # no cache: the flash kernel reads the KV heads as they are, so neither the
             # forward nor the saved-for-backward tensors hold rep copies of k and v
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-            return self.o_proj(y.transpose(1, 2).reshape(bsz, seqlen,
-                                                         self.n_heads * self.head_dim))
-        if rep > 1:
-            b, kvh, s, hd = k.shape
-            k = k[:, :, None].expand(b, kvh, rep, s, hd).reshape(b, kvh * rep, s, hd)
-            v = v[:, :, None].expand(b, kvh, rep, s, hd).reshape(b, kvh * rep, s, hd)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
-        y = y.transpose(1, 2).reshape(bsz, seqlen, self.n_heads * self.head_dim)  # (B, T, H*hd)
-        return self.o_proj(y)
+        else:
+            if rep > 1:
+                b, kvh, s, hd = k.shape
+                k = k[:, :, None].expand(b, kvh, rep, s, hd).reshape(b, kvh * rep, s, hd)
+                v = v[:, :, None].expand(b, kvh, rep, s, hd).reshape(b, kvh * rep, s, hd)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        # (B, H, T, hd) -> (B, T, H*hd)
+        return self.o_proj(y.transpose(1, 2).reshape(bsz, seqlen, self.n_heads * self.head_dim))
 
 
 class MLP(nn.Module):
@@ -237,10 +234,9 @@ class _SwiGLU(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         g, u = ctx.saved_tensors
         sig = torch.sigmoid(g)
-        silu = g * sig
         # d silu(g) / dg = sig * (1 + g * (1 - sig))
         dg = grad * u * sig * (1 + g * (1 - sig)) if ctx.needs_input_grad[0] else None
-        du = grad * silu if ctx.needs_input_grad[1] else None
+        du = grad * (g * sig) if ctx.needs_input_grad[1] else None
         return dg, du
 
 

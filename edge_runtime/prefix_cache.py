@@ -23,11 +23,11 @@ when its depth and base stay put, and recomputes exactly when they do not.
 from __future__ import annotations
 
 import hashlib
-import re
 from dataclasses import dataclass, field
 
 import torch
 
+from edge_runtime.lora import FrozenDelta
 from edge_runtime.model import CausalLM
 
 __all__ = ["PrefixCache", "prefix_signature"]
@@ -96,19 +96,15 @@ class PrefixCache:
         return out
 
 
-_BLOCK = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-
-
 def prefix_signature(model: CausalLM) -> str:
     """A digest of what the frozen prefix computes beyond the base weights: its depth and
-    every buffer of a non-trainable module added under it (FLoRA's `FrozenDelta`)."""
+    the factors of every `FrozenDelta` (FLoRA's stacked global) inside its blocks."""
     split = model.frozen_prefix
     h = hashlib.sha256(f"{split}".encode())
-    for name, buf in model.named_buffers():
-        m = _BLOCK.search(name)
-        if m is None or int(m.group(1)) >= split or not name.rpartition(".")[2].startswith(
-                "delta_"):
-            continue
-        h.update(name.encode())
-        h.update(buf.detach().contiguous().cpu().numpy().tobytes())
+    for i, layer in enumerate(model.blocks()[:split]):
+        for name, mod in layer.named_modules():
+            if isinstance(mod, FrozenDelta):
+                h.update(f"{i}.{name}".encode())
+                for t in (mod.delta_a, mod.delta_sb):
+                    h.update(t.detach().contiguous().cpu().numpy().tobytes())
     return h.hexdigest()
